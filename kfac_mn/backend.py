@@ -1,0 +1,69 @@
+"""The one place that chooses between NumPy (CPU) and CuPy (GPU).
+
+Every other module asks ``xp = get_array_module(x)`` and writes code that works
+for both.  CuPy is optional: the library imports and runs without it.
+"""
+import numpy
+
+try:
+    import cupy
+    import cupyx
+
+    cupy_available = True
+except ImportError:  # pragma: no cover - depends on the machine
+    cupy = None
+    cupyx = None
+    cupy_available = False
+
+
+def gpu_available():
+    """True when CuPy is importable and at least one CUDA device is visible."""
+    if not cupy_available:
+        return False
+    try:
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # CUDA driver missing or broken
+        return False
+
+
+def _raw(x):
+    # Variables carry their array in ``.data``; avoid importing Variable here.
+    return getattr(x, "data", x) if hasattr(x, "creator") else x
+
+
+def get_array_module(*args):
+    """Return ``cupy`` if any argument lives on the GPU, else ``numpy``."""
+    if cupy_available:
+        for x in args:
+            if isinstance(_raw(x), cupy.ndarray):
+                return cupy
+    return numpy
+
+
+def is_gpu_array(x):
+    return cupy_available and isinstance(_raw(x), cupy.ndarray)
+
+
+def to_cpu(x):
+    """Copy an array (or a Variable's array) to host memory as a NumPy array."""
+    x = _raw(x)
+    if x is None:
+        return None
+    if is_gpu_array(x):
+        return x.get()
+    return numpy.asarray(x)
+
+
+def to_gpu(x, device=None):
+    """Copy an array to the current (or the given) CUDA device as a CuPy array."""
+    if not cupy_available:
+        raise RuntimeError(
+            "to_gpu needs CuPy; install a CUDA build of it "
+            "(pip install 'kfac_mn[gpu]' or cupy-cudaXXx)")
+    x = _raw(x)
+    if x is None:
+        return None
+    if device is None:
+        return cupy.asarray(x)
+    with cupy.cuda.Device(device):
+        return cupy.asarray(x)

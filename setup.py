@@ -1,0 +1,30 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="kfac_mn",
+    version="0.1.0",
+    description=("Distributed K-FAC for large mini-batch training: a reproduction of "
+                 "Osawa et al., 'Training ResNet-50 on ImageNet in 35 Epochs'"),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=find_packages(include=["kfac_mn", "kfac_mn.*"]),
+    install_requires=[
+        "numpy>=1.22",
+        "mpi4py>=3.1",
+        "pillow>=9",
+    ],
+    extras_require={
+        # Everything the test suite needs, MPI included (mpich from PyPI: no system MPI).
+        "test": [
+            "pytest>=7",
+            "mpich",
+            "psutil",
+            "scikit-image",
+        ],
+        # Cross-checks against PyTorch on CPU (this exact version ships as a CPU build).
+        "torch": ["torch==2.13.0"],
+        "gpu": ["cupy-cuda12x"],
+        "dev": ["ruff"],
+    },
+)
