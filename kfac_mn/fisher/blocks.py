@@ -1,0 +1,314 @@
+"""Fisher blocks: one per layer, in the conventions of ../shared/PAPER.md.
+
+A block turns what the :class:`~kfac_mn.fisher.hook.KFACHook` saw during one
+forward/backward (input activations ``a`` and output gradients ``g``) into
+*sums over examples* (so that sums from micro-batches and from MPI ranks just
+add up), then into averaged statistics, the running average, damped inverses,
+and finally the preconditioned gradient.
+
+Per-example gradients: the loss is a mean over the batch axis, so the backward
+pass hands us ``g_n / N``; we multiply by ``N`` (the local batch) so that the
+factors do not depend on how the global batch is split.
+
+* Linear (W: out x in):  A = 1/N sum_n a_n a_n^T (a with a trailing 1 when
+  there is a bias),  G = 1/N sum_n g_n g_n^T.
+* Convolution (KFC):  a_{n,s} is the im2col patch at output position s,
+  A = 1/N sum_{n,s} a a^T,  G = 1/(N S) sum_{n,s} g g^T.
+* BatchNorm: per-example gradients of gamma and beta,
+  ``g_gamma = sum_hw g * x_hat``, ``g_beta = sum_hw g``; the Fisher is their
+  second moment, diagonal ('diag', the paper), 2x2 per channel ('unit') or the
+  full 2C x 2C block ('full').
+
+Damping (Tikhonov with pi-correction, PAPER.md):
+``pi = sqrt((tr A / dim A) / (tr G / dim G))``,
+``A_d = A + pi sqrt(gamma) I``, ``G_d = G + sqrt(gamma) / pi I``, and the
+preconditioned gradient ``G_d^{-1} [dW | db] A_d^{-1}``; BN blocks use
+``F + gamma I``.  Damping is applied to copies only: the running factors stay
+undamped, so it never leaks into the average.
+"""
+import math
+
+from kfac_mn import backend
+from kfac_mn.fisher.inverse import damped_inverse
+from kfac_mn.functions import im2col
+
+
+def relative_change(new, old):
+    """``||new - old||_F / ||old||_F`` (inf when there is no old value)."""
+    if old is None:
+        return math.inf
+    xp = backend.get_array_module(new)
+    norm_old = float(xp.linalg.norm(old.ravel()))
+    diff = float(xp.linalg.norm((new - old).ravel()))
+    if norm_old == 0.0:
+        return 0.0 if diff == 0.0 else math.inf
+    return diff / norm_old
+
+
+def _trace_mean(matrix):
+    xp = backend.get_array_module(matrix)
+    return float(xp.trace(matrix)) / matrix.shape[0]
+
+
+def pi_correction(A, G):
+    """pi = sqrt((tr A / dim A) / (tr G / dim G)); 1 when either trace vanishes."""
+    ta, tg = _trace_mean(A), _trace_mean(G)
+    if not (ta > 0.0 and tg > 0.0 and math.isfinite(ta) and math.isfinite(tg)):
+        return 1.0
+    return math.sqrt(ta / tg)
+
+
+class FisherBlock:
+    """Shared machinery: statistic sums for one step, running averages, state.
+
+    Subclasses name their statistics in ``statistic_names`` and say which are
+    symmetric matrices (``symmetric``: communicated as upper triangles).
+    """
+
+    statistic_names = ()
+    symmetric = {}
+
+    def __init__(self, path, link):
+        self.path = path
+        self.link = link
+        self.sums = {}        # name -> array: sums over examples, this step
+        self.counts = {}      # name -> divisor of the sum (examples, or examples x positions)
+        self.factors = {}     # name -> running (undamped) average
+        self.inverses = {}    # name -> damped inverse from the last inversion
+
+    # -- statistics of one step ----------------------------------------------
+    def reset_sums(self):
+        self.sums = {}
+        self.counts = {}
+
+    def _accumulate(self, name, value, count):
+        if name in self.sums:
+            self.sums[name] += value
+            self.counts[name] += count
+        else:
+            self.sums[name] = value
+            self.counts[name] = count
+
+    def has_statistics(self):
+        return all(name in self.sums for name in self.statistic_names)
+
+    def averaged_statistics(self):
+        """The statistics of this step: each sum divided by its count."""
+        return {name: self.sums[name] / self.counts[name] for name in self.statistic_names}
+
+    def update_factors(self, new, ema_decay):
+        """F <- (1 - r) F + r F_new (F <- F_new the first time); returns the relative change.
+
+        The relative change is the largest over this block's factors.
+        """
+        change = 0.0
+        for name in self.statistic_names:
+            old = self.factors.get(name)
+            value = new[name]
+            if old is None or ema_decay >= 1.0:
+                updated = value.copy()  # never keep a view of a communication buffer
+            else:
+                updated = (1.0 - ema_decay) * old + ema_decay * value
+                updated = updated.astype(old.dtype, copy=False)
+            change = max(change, relative_change(updated, old))
+            self.factors[name] = updated
+        return change
+
+    # -- gradients ---------------------------------------------------------
+    def params(self):
+        return [p for p in self.param_list() if p is not None]
+
+    def gradients_ready(self):
+        return all(p.grad is not None for p in self.params())
+
+
+class KroneckerBlock(FisherBlock):
+    """A linear or convolution layer: F ~ A kron G."""
+
+    statistic_names = ("A", "G")
+    symmetric = {"A": True, "G": True}
+
+    def param_list(self):
+        return [self.link.W, getattr(self.link, "b", None)]
+
+    @property
+    def has_bias(self):
+        return getattr(self.link, "b", None) is not None
+
+    @property
+    def A(self):
+        return self.factors.get("A")
+
+    @property
+    def G(self):
+        return self.factors.get("G")
+
+    def compute_inverses(self, damping, dtype, counter=None):
+        A, G = self.factors["A"], self.factors["G"]
+        pi = pi_correction(A, G)
+        root = math.sqrt(damping)
+        self.inverses["A"] = damped_inverse(A, pi * root, dtype, f"{self.path}/A", counter)
+        self.inverses["G"] = damped_inverse(G, root / pi, dtype, f"{self.path}/G", counter)
+
+    def gradient_matrix(self):
+        """[dW | db] as an (out x in[+1]) matrix, W flattened to out x in."""
+        W = self.link.W
+        xp = backend.get_array_module(W.grad)
+        grad = W.grad.reshape(W.shape[0], -1)
+        if self.has_bias:
+            grad = xp.concatenate([grad, self.link.b.grad[:, None]], axis=1)
+        return grad
+
+    def precondition(self):
+        """Replace W.grad (and b.grad) by G_d^{-1} [dW | db] A_d^{-1}."""
+        W = self.link.W
+        grad = self.gradient_matrix()
+        inv_A, inv_G = self.inverses["A"], self.inverses["G"]
+        natural = (inv_G @ grad.astype(inv_G.dtype, copy=False) @ inv_A).astype(W.grad.dtype)
+        if self.has_bias:
+            self.link.b.grad = natural[:, -1].copy()
+            natural = natural[:, :-1]
+        W.grad = natural.reshape(W.shape).copy()
+
+    def _accumulate_A(self, patches, count):
+        """patches: (M, K) rows of inputs (one per example, or per example and position)."""
+        xp = backend.get_array_module(patches)
+        K = patches.shape[1]
+        if self.has_bias:
+            A = xp.empty((K + 1, K + 1), dtype=patches.dtype)
+            A[:K, :K] = patches.T @ patches
+            column = patches.sum(axis=0)
+            A[:K, K] = column
+            A[K, :K] = column
+            A[K, K] = patches.shape[0]
+        else:
+            A = patches.T @ patches
+        self._accumulate("A", A, count)
+
+
+class LinearBlock(KroneckerBlock):
+    """y = W a + b with a of shape (N, in)."""
+
+    def accumulate_forward(self, function, in_data):
+        x = in_data[0]
+        self._accumulate_A(x.reshape(x.shape[0], -1), x.shape[0])
+
+    def accumulate_backward(self, function, in_data, out_grad):
+        gy = out_grad[0]
+        n = gy.shape[0]
+        g = gy * n  # per-example gradients (the loss is a batch mean)
+        self._accumulate("G", g.T @ g, n)
+
+
+class ConvolutionBlock(KroneckerBlock):
+    """KFC (Grosse & Martens 2016) on the im2col patches of the convolution itself."""
+
+    def accumulate_forward(self, function, in_data):
+        x, W = in_data[0], in_data[1]
+        kh, kw = W.shape[2], W.shape[3]
+        col = im2col(x, (kh, kw), function.stride, function.pad)
+        n, c = x.shape[0], x.shape[1]
+        xp = backend.get_array_module(x)
+        # (N, C, kh, kw, OH, OW) -> one row per (example, position): (N*S, C*kh*kw)
+        patches = xp.ascontiguousarray(
+            col.reshape(n, c * kh * kw, -1).transpose(0, 2, 1)).reshape(-1, c * kh * kw)
+        self._accumulate_A(patches, n)
+
+    def accumulate_backward(self, function, in_data, out_grad):
+        gy = out_grad[0]
+        n, cout = gy.shape[0], gy.shape[1]
+        positions = gy.shape[2] * gy.shape[3]
+        xp = backend.get_array_module(gy)
+        rows = xp.ascontiguousarray(gy.reshape(n, cout, positions).transpose(0, 2, 1))
+        rows = rows.reshape(-1, cout)
+        self._accumulate("G", (rows.T @ rows) * (n * n), n * positions)
+
+
+class BatchNormBlock(FisherBlock):
+    """Fisher of (gamma, beta) from per-example gradients.
+
+    ``kind`` is 'diag' (the paper: diagonal, 2C values), 'unit' (one 2x2 block
+    per channel) or 'full' (2C x 2C, the authors' released code).  The layout of
+    the parameter vector is [gamma; beta].
+    """
+
+    statistic_names = ("F",)
+
+    def __init__(self, path, link, kind="diag"):
+        if kind not in ("diag", "unit", "full"):
+            raise ValueError(f"bn_fisher must be 'diag', 'unit' or 'full', not {kind!r}")
+        super().__init__(path, link)
+        self.kind = kind
+        self.symmetric = {"F": kind == "full"}
+
+    def param_list(self):
+        return [self.link.gamma, self.link.beta]
+
+    @property
+    def F(self):
+        return self.factors.get("F")
+
+    def accumulate_forward(self, function, in_data):
+        pass  # x_hat is read from the function node in backward
+
+    def accumulate_backward(self, function, in_data, out_grad):
+        gy = out_grad[0]
+        n, c = gy.shape[0], gy.shape[1]
+        x_hat = function.x_hat
+        g = gy.reshape(n, c, -1)
+        g_gamma = (g * x_hat.reshape(n, c, -1)).sum(axis=2) * n
+        g_beta = g.sum(axis=2) * n
+        xp = backend.get_array_module(gy)
+        if self.kind == "diag":
+            F = xp.concatenate([(g_gamma * g_gamma).sum(axis=0), (g_beta * g_beta).sum(axis=0)])
+        elif self.kind == "unit":
+            F = xp.empty((c, 2, 2), dtype=gy.dtype)
+            F[:, 0, 0] = (g_gamma * g_gamma).sum(axis=0)
+            F[:, 0, 1] = F[:, 1, 0] = (g_gamma * g_beta).sum(axis=0)
+            F[:, 1, 1] = (g_beta * g_beta).sum(axis=0)
+        else:
+            both = xp.concatenate([g_gamma, g_beta], axis=1)
+            F = both.T @ both
+        self._accumulate("F", F, n)
+
+    def compute_inverses(self, damping, dtype, counter=None):
+        F = self.factors["F"]
+        xp = backend.get_array_module(F)
+        if self.kind == "diag":
+            self.inverses["F"] = (1.0 / (F.astype(dtype) + damping)).astype(dtype)
+        elif self.kind == "unit":
+            a = F[:, 0, 0].astype(dtype) + damping
+            b = F[:, 0, 1].astype(dtype)
+            d = F[:, 1, 1].astype(dtype) + damping
+            det = a * d - b * b  # > 0: F is PSD and damping > 0
+            inverse = xp.empty(F.shape, dtype=dtype)
+            inverse[:, 0, 0] = d / det
+            inverse[:, 0, 1] = inverse[:, 1, 0] = -b / det
+            inverse[:, 1, 1] = a / det
+            if damping <= 0 or not bool(xp.isfinite(inverse).all()):
+                for ch in range(F.shape[0]):
+                    inverse[ch] = damped_inverse(F[ch], damping, dtype,
+                                                 f"{self.path}/F[{ch}]", counter)
+            self.inverses["F"] = inverse
+        else:
+            self.inverses["F"] = damped_inverse(F, damping, dtype, f"{self.path}/F", counter)
+
+    def precondition(self):
+        """Replace [dgamma; dbeta] by F_d^{-1} [dgamma; dbeta]."""
+        gamma, beta = self.link.gamma, self.link.beta
+        xp = backend.get_array_module(gamma.grad)
+        c = gamma.shape[0]
+        inverse = self.inverses["F"]
+        if self.kind == "diag":
+            new_gamma = gamma.grad * inverse[:c]
+            new_beta = beta.grad * inverse[c:]
+        elif self.kind == "unit":
+            gg, gb = gamma.grad.astype(inverse.dtype), beta.grad.astype(inverse.dtype)
+            new_gamma = inverse[:, 0, 0] * gg + inverse[:, 0, 1] * gb
+            new_beta = inverse[:, 1, 0] * gg + inverse[:, 1, 1] * gb
+        else:
+            v = xp.concatenate([gamma.grad, beta.grad]).astype(inverse.dtype)
+            w = inverse @ v
+            new_gamma, new_beta = w[:c], w[c:]
+        gamma.grad = new_gamma.astype(gamma.grad.dtype)
+        beta.grad = new_beta.astype(beta.grad.dtype)

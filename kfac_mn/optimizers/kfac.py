@@ -1,0 +1,200 @@
+"""K-FAC (Martens & Grosse 2015; KFC for convolutions), as the paper uses it.
+
+One :meth:`KFAC.update` is the single-process version of the paper's Figure 1,
+written as the same stages that :class:`~kfac_mn.optimizers.DistributedKFAC`
+spreads over workers:
+
+1. :meth:`compute_local_statistics`: forward and backward under a
+   :class:`~kfac_mn.fisher.hook.KFACHook`, which hands each due layer's
+   activations and output gradients to its Fisher block (sums over examples);
+2. (distributed only) reduce-scatter of gradients and statistic sums;
+3. :meth:`update_and_invert` then :meth:`precondition`: running factors,
+   damped inverses, preconditioned gradients ``G_d^{-1} dW A_d^{-1}``;
+4. (distributed only) all-gather of the preconditioned gradients;
+5. :meth:`apply_update`: momentum SGD on the preconditioned gradients
+   (parameters without a block use their plain gradient).
+
+Hyperparameters: ``lr``, ``momentum`` (Chainer's MomentumSGD convention),
+``damping`` (gamma of PAPER.md, with pi-correction), ``cov_ema_decay`` (r:
+F <- (1 - r) F + r F_new; 1 uses the newest statistics only), ``fisher_type``
+('emp': true labels; 'mc': labels sampled from the model's prediction),
+``bn_fisher`` ('diag', 'unit', 'full'), ``inv_dtype`` and ``schedule`` (a
+:class:`~kfac_mn.fisher.schedule.StatisticsSchedule`).  Optimizer 'pre' hooks
+(e.g. WeightDecay) see the preconditioned gradients.
+"""
+import json
+import numbers
+
+import numpy
+
+from kfac_mn import backend
+from kfac_mn import functions as F
+from kfac_mn.fisher.blocks import BatchNormBlock, ConvolutionBlock, LinearBlock
+from kfac_mn.fisher.hook import KFACHook
+from kfac_mn.fisher.inverse import FallbackCounter
+from kfac_mn.fisher.schedule import StatisticsSchedule
+from kfac_mn.links import BatchNormalization, Convolution2D, Linear
+from kfac_mn.optimizer import HyperparameterProxy
+from kfac_mn.optimizers.momentum_sgd import MomentumSGD
+from kfac_mn.serializers import Deserializer
+
+
+def build_fisher_blocks(link, bn_fisher="diag"):
+    """One block per linear, convolution and batch-norm link, keyed by path, sorted."""
+    blocks = {}
+    for path, child in link.namedlinks():
+        if isinstance(child, Linear):
+            blocks[path] = LinearBlock(path, child)
+        elif isinstance(child, Convolution2D):
+            blocks[path] = ConvolutionBlock(path, child)
+        elif isinstance(child, BatchNormalization):
+            blocks[path] = BatchNormBlock(path, child, bn_fisher)
+    return blocks
+
+
+class KFAC(MomentumSGD):
+    damping = HyperparameterProxy("damping")
+    cov_ema_decay = HyperparameterProxy("cov_ema_decay")
+
+    def __init__(self, lr=0.01, momentum=0.9, damping=1e-3, cov_ema_decay=1.0,
+                 fisher_type="emp", bn_fisher="diag", inv_dtype=numpy.float32, schedule=None,
+                 seed=0):
+        super().__init__(lr=lr, momentum=momentum)
+        if not isinstance(damping, numbers.Real) or not damping >= 0.0:
+            raise ValueError(f"KFAC damping must be a number >= 0, got {damping!r}")
+        if not isinstance(cov_ema_decay, numbers.Real) or not 0.0 < cov_ema_decay <= 1.0:
+            raise ValueError(f"KFAC cov_ema_decay must be in (0, 1], got {cov_ema_decay!r}")
+        if fisher_type not in ("emp", "mc"):
+            raise ValueError(f"KFAC fisher_type must be 'emp' or 'mc', not {fisher_type!r}")
+        if bn_fisher not in ("diag", "unit", "full"):
+            raise ValueError(f"KFAC bn_fisher must be 'diag', 'unit' or 'full', not {bn_fisher!r}")
+        inv_dtype = numpy.dtype(inv_dtype)
+        if inv_dtype not in (numpy.float32, numpy.float64):
+            raise ValueError(f"KFAC inv_dtype must be float32 or float64, not {inv_dtype}")
+        self.hyperparam.damping = float(damping)
+        self.hyperparam.cov_ema_decay = float(cov_ema_decay)
+        self.fisher_type = fisher_type
+        self.bn_fisher = bn_fisher
+        self.inv_dtype = inv_dtype
+        self.schedule = schedule if schedule is not None else StatisticsSchedule()
+        self.rng = numpy.random.default_rng(seed)
+        self.fallbacks = FallbackCounter()
+        self.fisher_blocks = {}
+
+    def setup(self, link):
+        super().setup(link)
+        self.fisher_blocks = build_fisher_blocks(link, self.bn_fisher)
+        return self
+
+    # -- the stages ----------------------------------------------------------
+    def due_layers(self):
+        """Paths of the layers whose factors are refreshed at this step."""
+        return [path for path in self.fisher_blocks
+                if self.schedule.factors_due(path, self.t)]
+
+    def compute_local_statistics(self, due, lossfun, *args, **kwds):
+        """Stage 1: forward, backward and the due layers' statistic sums; returns the loss."""
+        self.target.cleargrads()
+        for path in due:
+            self.fisher_blocks[path].reset_sums()
+        sampled = self.fisher_type == "mc" and bool(due)
+        with KFACHook(self.fisher_blocks, due):
+            loss = lossfun(*args, **kwds)
+            if sampled:
+                self._backward_sampled(lossfun)
+                self.target.cleargrads()
+            else:
+                loss.backward()
+        if sampled:
+            loss.backward()  # the true-label gradient, not observed by the hook
+        loss.unchain()
+        return loss
+
+    def _backward_sampled(self, lossfun):
+        """Back-propagate the loss of labels drawn from the model (Monte-Carlo Fisher)."""
+        logits = getattr(lossfun, "y", None)
+        if logits is None:
+            raise TypeError(
+                "fisher_type='mc' needs lossfun to expose the logits of its last call as "
+                "lossfun.y (use kfac_mn.links.Classifier)")
+        xp = backend.get_array_module(logits.data)
+        probs = backend.to_cpu(F.softmax(logits).data).astype(numpy.float64)
+        cumulative = probs.cumsum(axis=1)
+        u = self.rng.random((probs.shape[0], 1)) * cumulative[:, -1:]
+        sampled = (cumulative < u).sum(axis=1).clip(0, probs.shape[1] - 1)
+        fisher_loss = F.softmax_cross_entropy(logits, xp.asarray(sampled.astype(numpy.int32)))
+        fisher_loss.backward()
+
+    def update_and_invert(self, paths):
+        """Stage 3a: new statistics -> running factors -> (when due) damped inverses."""
+        for path in paths:
+            block = self.fisher_blocks[path]
+            # decide both before report_change moves the layer's next refresh
+            refresh = self.schedule.factors_due(path, self.t) and block.has_statistics()
+            invert = self.schedule.inverse_due(path, self.t)
+            if refresh:
+                change = block.update_factors(block.averaged_statistics(),
+                                              self.hyperparam.cov_ema_decay)
+                self.schedule.report_change(path, self.t, change)
+            if invert and block.factors:
+                block.compute_inverses(self.hyperparam.damping, self.inv_dtype, self.fallbacks)
+
+    def precondition(self, paths):
+        """Stage 3b: replace each owned layer's gradient by its preconditioned gradient."""
+        for path in paths:
+            block = self.fisher_blocks[path]
+            if block.inverses and block.gradients_ready():
+                block.precondition()
+
+    def apply_update(self):
+        """Stage 5: momentum SGD with the (preconditioned) gradients, optimizer hooks."""
+        return super().update()
+
+    def update(self, lossfun=None, *args, **kwds):
+        """One K-FAC step (stages 1, 3 and 5 of Figure 1 on one worker)."""
+        if lossfun is None:
+            raise TypeError("KFAC.update needs lossfun: the statistics come from its backward")
+        self._check_setup()
+        due = self.due_layers()
+        loss = self.compute_local_statistics(due, lossfun, *args, **kwds)
+        paths = list(self.fisher_blocks)
+        self.update_and_invert(paths)
+        self.precondition(paths)
+        self.apply_update()
+        return loss
+
+    def intervals(self):
+        """Current refresh interval of each layer (for the training log)."""
+        return {path: self.schedule.interval(path) for path in self.fisher_blocks}
+
+    # -- state ----------------------------------------------------------------
+    def serialize(self, serializer):
+        """Everything needed to continue exactly: rules, factors, inverses, schedule, RNG."""
+        super().serialize(serializer)
+        loading = isinstance(serializer, Deserializer)
+        xp = self.target.xp
+        fisher = serializer["fisher"]
+        for path, block in self.fisher_blocks.items():
+            node = fisher[path]
+            for kind, store in (("factor", block.factors), ("inverse", block.inverses)):
+                for name in block.statistic_names:
+                    value = node(f"{kind}_{name}", store.get(name))
+                    if value is not None:
+                        store[name] = xp.asarray(value)
+        schedule = serializer["schedule"]
+        for path in self.fisher_blocks:
+            node = schedule[path]
+            interval = node("interval", self.schedule.intervals.get(path))
+            next_step = node("next_step", self.schedule.next_step.get(path))
+            if loading and interval is not None:
+                self.schedule.intervals[path] = int(interval)
+                self.schedule.next_step[path] = int(next_step)
+        counts = serializer["fallbacks"]
+        for kind in ("float64", "more_damping"):
+            self.fallbacks[kind] = int(counts(kind, self.fallbacks[kind]))
+        # the Monte-Carlo label sampler; PCG64's 128-bit integers travel as JSON text
+        text = json.dumps(self.rng.bit_generator.state).encode()
+        mine = None if loading else numpy.frombuffer(text, dtype=numpy.uint8).copy()
+        stored = serializer("rng_state", mine)
+        if loading and stored is not None:
+            self.rng.bit_generator.state = json.loads(bytes(stored).decode())
