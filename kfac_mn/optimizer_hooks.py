@@ -24,3 +24,29 @@ class WeightDecay:
             if param.grad is None or (rule is not None and not rule.enabled):
                 continue
             param.grad += as_param_dtype(self.rate, param) * param.data
+
+
+class WeightRescale:
+    """The paper's replacement for weight decay: after each update, rescale every
+    convolution and fully connected weight to Frobenius norm sqrt(2 * out_channels).
+
+    That is the expected norm of a He-normal initialised weight (each of the
+    ``out_channels`` rows has expected squared norm 2), so the scale of W stays
+    at its initial value while its direction is trained (PAPER.md, recipe).
+    Biases and BatchNormalization parameters are left alone.
+    """
+
+    name = "WeightRescale"
+    timing = "post"
+
+    def __call__(self, optimizer):
+        from kfac_mn.links import Convolution2D, Linear
+
+        for link in optimizer.target.links():
+            if not isinstance(link, (Convolution2D, Linear)) or link.W.data is None:
+                continue
+            W = link.W.data
+            xp = link.W.xp
+            norm = xp.sqrt(xp.sum(W * W))
+            target = as_param_dtype((2.0 * W.shape[0]) ** 0.5, link.W)
+            W *= (target / xp.maximum(norm, as_param_dtype(1e-12, link.W))).astype(W.dtype)

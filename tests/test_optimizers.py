@@ -253,3 +253,31 @@ def test_gradient_method_subclass_plugs_in_its_rule():
     optimizer.update()
     numpy.testing.assert_array_equal(model.W.data, [0.5, 1.5])
     assert model.W.update_rule.state == {}
+
+
+def test_weight_rescale_sets_conv_and_linear_norms_and_leaves_the_rest():
+    from kfac_mn import links as L
+
+    class Net(Chain):
+        def __init__(self):
+            super().__init__()
+            with self.init_scope():
+                self.conv = L.Convolution2D(2, 5, 3, 1, 1)
+                self.bn = L.BatchNormalization(5)
+                self.fc = L.Linear(5 * 4 * 4, 3)
+
+        def forward(self, x):
+            return self.fc(self.bn(self.conv(x)))
+
+    rng = numpy.random.default_rng(0)
+    model = Net()
+    opt = optimizers.MomentumSGD(lr=0.5)
+    opt.setup(model)
+    opt.add_hook(optimizer_hooks.WeightRescale())
+    x = rng.standard_normal((4, 2, 4, 4)).astype(numpy.float32)
+    t = numpy.array([0, 1, 2, 0], dtype=numpy.int32)
+    opt.update(lambda: F.softmax_cross_entropy(model(x), t))
+    assert numpy.linalg.norm(model.conv.W.data) == pytest.approx(numpy.sqrt(10.0), rel=1e-5)
+    assert numpy.linalg.norm(model.fc.W.data) == pytest.approx(numpy.sqrt(6.0), rel=1e-5)
+    assert model.conv.W.data.dtype == numpy.float32
+    assert not numpy.allclose(model.bn.gamma.data, 1.0)  # trained, not rescaled

@@ -10,6 +10,9 @@ gamma) array of the link, the very object the link holds.
 Only the layers in ``active`` (those due for a refresh this step) are
 collected, so stale steps cost no factor computation.
 """
+import time
+
+from kfac_mn.fisher.timing import synchronize
 from kfac_mn.function_hook import FunctionHook
 
 _KNOWN_FUNCTIONS = ("LinearFunction", "Convolution2DFunction", "BatchNormalization")
@@ -25,6 +28,8 @@ class KFACHook(FunctionHook):
         self._uninitialized = True
         self._index_arrays()
         self._by_function = {}
+        self.forward_seconds = 0.0   # time spent on factor work inside the forward pass
+        self.backward_seconds = 0.0  # ... and inside the backward pass
 
     def _index_arrays(self):
         # A lazily initialised weight gets its array only at its first call.
@@ -50,11 +55,17 @@ class KFACHook(FunctionHook):
         block = self._block_of(function, in_data)
         if block is None:
             return
+        start = time.perf_counter()
         block.accumulate_forward(function, in_data)
+        synchronize(in_data[0])
+        self.forward_seconds += time.perf_counter() - start
         self._by_function[id(function)] = (function, block)
 
     def backward_preprocess(self, function, in_data, out_grad):
         entry = self._by_function.get(id(function))
         if entry is None or out_grad[0] is None:
             return
+        start = time.perf_counter()
         entry[1].accumulate_backward(function, in_data, out_grad)
+        synchronize(out_grad[0])
+        self.backward_seconds += time.perf_counter() - start

@@ -21,6 +21,9 @@ F <- (1 - r) F + r F_new; 1 uses the newest statistics only), ``fisher_type``
 ``bn_fisher`` ('diag', 'unit', 'full'), ``inv_dtype`` and ``schedule`` (a
 :class:`~kfac_mn.fisher.schedule.StatisticsSchedule`).  Optimizer 'pre' hooks
 (e.g. WeightDecay) see the preconditioned gradients.
+
+Gradient and factor accumulation: ``update(lossfun, MicroBatches([args_0, args_1, ...]))``
+runs stage 1 on each micro-batch in turn (see :class:`MicroBatches`).
 """
 import json
 import numbers
@@ -33,10 +36,12 @@ from kfac_mn.fisher.blocks import BatchNormBlock, ConvolutionBlock, LinearBlock
 from kfac_mn.fisher.hook import KFACHook
 from kfac_mn.fisher.inverse import FallbackCounter
 from kfac_mn.fisher.schedule import StatisticsSchedule
+from kfac_mn.fisher.timing import StageTimer
 from kfac_mn.links import BatchNormalization, Convolution2D, Linear
 from kfac_mn.optimizer import HyperparameterProxy
 from kfac_mn.optimizers.momentum_sgd import MomentumSGD
 from kfac_mn.serializers import Deserializer
+from kfac_mn.variable import Variable
 
 
 def build_fisher_blocks(link, bn_fisher="diag"):
@@ -50,6 +55,25 @@ def build_fisher_blocks(link, bn_fisher="diag"):
         elif isinstance(child, BatchNormalization):
             blocks[path] = BatchNormBlock(path, child, bn_fisher)
     return blocks
+
+
+class MicroBatches:
+    """The ``lossfun`` arguments of the k micro-batches of one update (``--acc-iters k``).
+
+    ``optimizer.update(lossfun, MicroBatches([(x_0, t_0), (x_1, t_1)]))`` runs forward and
+    backward on each micro-batch in turn.  The blocks' statistic sums and counts simply add up
+    over the micro-batches (per-example gradients use the micro-batch size, which is what each
+    mean loss divides by), and the gradients of the k mean losses are summed and divided by k.
+    With equal micro-batches of b examples this is the update of one batch of k b examples,
+    for any layer whose output does not depend on the other examples of its batch (batch
+    normalization computes its statistics per micro-batch).  The loss returned is the mean of
+    the k losses.
+    """
+
+    def __init__(self, batches):
+        self.batches = [tuple(batch) for batch in batches]
+        if not self.batches:
+            raise ValueError("MicroBatches needs at least one micro-batch")
 
 
 class KFAC(MomentumSGD):
@@ -80,6 +104,7 @@ class KFAC(MomentumSGD):
         self.rng = numpy.random.default_rng(seed)
         self.fallbacks = FallbackCounter()
         self.fisher_blocks = {}
+        self.timer = StageTimer()
 
     def setup(self, link):
         super().setup(link)
@@ -93,21 +118,48 @@ class KFAC(MomentumSGD):
                 if self.schedule.factors_due(path, self.t)]
 
     def compute_local_statistics(self, due, lossfun, *args, **kwds):
-        """Stage 1: forward, backward and the due layers' statistic sums; returns the loss."""
+        """Stage 1: forward, backward and the due layers' statistic sums; returns the loss.
+
+        ``args`` may be a single :class:`MicroBatches`: then every micro-batch adds to the
+        same sums and gradients, and the gradients are divided by their number.
+        """
         self.target.cleargrads()
         for path in due:
             self.fisher_blocks[path].reset_sums()
+        if len(args) == 1 and isinstance(args[0], MicroBatches):
+            batches = args[0].batches
+            losses = [self._accumulate_batch(due, lossfun, batch, kwds) for batch in batches]
+            for param in self.target.params(include_uninit=False):
+                if param.grad is not None:
+                    param.grad /= param.grad.dtype.type(len(batches))
+            xp = self.target.xp
+            return Variable(xp.mean(xp.stack([loss.data for loss in losses])),
+                            requires_grad=False)
+        return self._accumulate_batch(due, lossfun, args, kwds)
+
+    def _accumulate_batch(self, due, lossfun, args, kwds):
+        """Forward and backward of one batch, adding to the gradients and statistic sums."""
+        params = list(self.target.params())  # lazy ones included: initialised by lossfun
         sampled = self.fisher_type == "mc" and bool(due)
-        with KFACHook(self.fisher_blocks, due):
-            loss = lossfun(*args, **kwds)
-            if sampled:
-                self._backward_sampled(lossfun)
-                self.target.cleargrads()
-            else:
-                loss.backward()
+        hook = KFACHook(self.fisher_blocks, due)
+        with hook:
+            with self.timer("forward"):
+                loss = lossfun(*args, **kwds)
+            with self.timer("backward"):
+                if sampled:
+                    before = [param.grad for param in params]
+                    self._backward_sampled(lossfun)
+                    for param, grad in zip(params, before):
+                        param.grad = grad  # drop the sampled-label gradient
+                else:
+                    loss.backward()
         if sampled:
-            loss.backward()  # the true-label gradient, not observed by the hook
+            with self.timer("backward"):
+                loss.backward()  # the true-label gradient, not observed by the hook
         loss.unchain()
+        # the factor work done inside the hook is reported as its own stage
+        self.timer.move("forward", "factors", hook.forward_seconds)
+        self.timer.move("backward", "factors", hook.backward_seconds)
         return loss
 
     def _backward_sampled(self, lossfun):
@@ -133,28 +185,34 @@ class KFAC(MomentumSGD):
             refresh = self.schedule.factors_due(path, self.t) and block.has_statistics()
             invert = self.schedule.inverse_due(path, self.t)
             if refresh:
-                change = block.update_factors(block.averaged_statistics(),
-                                              self.hyperparam.cov_ema_decay)
+                with self.timer("factors"):
+                    change = block.update_factors(block.averaged_statistics(),
+                                                  self.hyperparam.cov_ema_decay)
                 self.schedule.report_change(path, self.t, change)
             if invert and block.factors:
-                block.compute_inverses(self.hyperparam.damping, self.inv_dtype, self.fallbacks)
+                with self.timer("inversion"):
+                    block.compute_inverses(self.hyperparam.damping, self.inv_dtype,
+                                           self.fallbacks)
 
     def precondition(self, paths):
         """Stage 3b: replace each owned layer's gradient by its preconditioned gradient."""
-        for path in paths:
-            block = self.fisher_blocks[path]
-            if block.inverses and block.gradients_ready():
-                block.precondition()
+        with self.timer("precondition"):
+            for path in paths:
+                block = self.fisher_blocks[path]
+                if block.inverses and block.gradients_ready():
+                    block.precondition()
 
     def apply_update(self):
         """Stage 5: momentum SGD with the (preconditioned) gradients, optimizer hooks."""
-        return super().update()
+        with self.timer("update"):
+            return super().update()
 
     def update(self, lossfun=None, *args, **kwds):
         """One K-FAC step (stages 1, 3 and 5 of Figure 1 on one worker)."""
         if lossfun is None:
             raise TypeError("KFAC.update needs lossfun: the statistics come from its backward")
         self._check_setup()
+        self.timer.reset()
         due = self.due_layers()
         loss = self.compute_local_statistics(due, lossfun, *args, **kwds)
         paths = list(self.fisher_blocks)

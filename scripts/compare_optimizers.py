@@ -1,0 +1,219 @@
+"""The paper's claim at small scale: K-FAC vs MomentumSGD at a large batch on the embedded MNIST.
+
+    python scripts/compare_optimizers.py [--batchsize 4096] [--epochs 10] [--out result/compare]
+
+Both optimizers train the same small ResNet (``resnet_mnist``) from the same
+initial weights, with the same data order, the same schedule family (linear
+warm-up over ``--warmup`` epochs, then the paper's polynomial decay to zero at
+the last epoch, momentum scaled down with the lr) and weight rescaling instead
+of weight decay (PAPER.md).
+
+Tuning protocol (the same budget for both): each optimizer tries each
+learning rate of its grid (``--sgd-lrs``, ``--kfac-lrs``: three values each)
+for ``--tune-epochs`` epochs; the one with the best test accuracy at the end of
+that short run wins and is trained for ``--epochs`` epochs.  Nothing else is
+tuned (K-FAC: damping ``--damping``, adaptive stale statistics).
+
+Test accuracy is measured every ``--eval-every`` iterations; epochs are
+fractional (iterations x batch / 60,000) and wall seconds count training only
+(evaluation excluded).  Prints a table (epochs and seconds to 98% and 99%,
+final accuracy), writes a PNG of the curves and ``compare.json``, and ends
+with one JSON line.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from kfac_mn import functions as F  # noqa: E402
+from kfac_mn import no_backprop_mode, using_config  # noqa: E402
+from kfac_mn.fisher.schedule import StatisticsSchedule  # noqa: E402
+from kfac_mn.optimizer_hooks import WeightRescale  # noqa: E402
+from kfac_mn.optimizers import KFAC, MomentumSGD  # noqa: E402
+from kfac_mn.schedules import PolynomialDecay, ScaledWith, ScheduleSet  # noqa: E402
+from models import archs  # noqa: E402
+from utils.mnist import read_mnist_arrays  # noqa: E402
+
+TARGETS = (0.98, 0.99)
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+
+
+def load_split(split):
+    images, labels = read_mnist_arrays(split)
+    x = ((images.astype(np.float32) / 255.0 - MNIST_MEAN) / MNIST_STD)[:, None]
+    return x, labels.astype(np.int32)
+
+
+def evaluate(model, x, t, batch=2500):
+    correct = 0
+    with no_backprop_mode(), using_config("train", False):
+        for i in range(0, len(x), batch):
+            y = model(x[i:i + batch]).data
+            correct += int((y.argmax(axis=1) == t[i:i + batch]).sum())
+    return correct / len(x)
+
+
+def make_optimizer(name, lr, momentum, args, steps_per_epoch):
+    if name == "sgd":
+        opt = MomentumSGD(lr=lr, momentum=momentum)
+    else:
+        schedule = StatisticsSchedule("adaptive", warmup_steps=args.stale_warmup,
+                                      threshold=args.stale_threshold,
+                                      max_interval=args.max_interval)
+        opt = KFAC(lr=lr, momentum=momentum, damping=args.damping, schedule=schedule)
+    lr_schedule = PolynomialDecay(lr, power=args.power, start_epoch=args.warmup,
+                                  end_epoch=args.decay_end or args.epochs,
+                                  warmup_epochs=args.warmup, warmup_from=0.1)
+    return opt, ScheduleSet(lr=lr_schedule, momentum=ScaledWith(momentum, lr_schedule))
+
+
+def train(name, lr, epochs, args, data, log=print):
+    """One run; returns the curve [(epoch, train seconds, test accuracy)] and the intervals."""
+    (x_train, t_train), (x_test, t_test) = data
+    np.random.seed(args.seed)
+    model = archs[args.arch](n_class=10, in_channels=1)
+    steps_per_epoch = len(x_train) // args.batchsize
+    opt, schedules = make_optimizer(name, lr, args.momentum, args, steps_per_epoch)
+    opt.setup(model)
+    opt.add_hook(WeightRescale())
+
+    def lossfun(x, t):
+        return F.softmax_cross_entropy(model(x), t)
+
+    order_rng = np.random.default_rng(args.seed)
+    curve, seconds, iteration = [], 0.0, 0
+    total = int(round(epochs * steps_per_epoch))
+    while iteration < total:
+        order = order_rng.permutation(len(x_train))
+        for step in range(steps_per_epoch):
+            if iteration >= total:
+                break
+            idx = np.sort(order[step * args.batchsize:(step + 1) * args.batchsize])
+            start = time.perf_counter()
+            schedules.apply(opt, iteration / steps_per_epoch)
+            loss = opt.update(lossfun, x_train[idx], t_train[idx])
+            seconds += time.perf_counter() - start
+            iteration += 1
+            if iteration % args.eval_every == 0 or iteration == total:
+                epoch = iteration / steps_per_epoch
+                acc = evaluate(model, x_test, t_test)
+                curve.append((epoch, seconds, acc))
+                extra = ""
+                if name == "kfac":
+                    values = sorted(opt.intervals().values())
+                    extra = f" intervals min/median/max {values[0]}/{values[len(values) // 2]}" \
+                            f"/{values[-1]}"
+                log(f"  {name} lr={lr:g} epoch {epoch:5.2f} loss {float(loss.data):.4f} "
+                    f"test {acc:.4f} train {seconds:7.1f}s{extra}")
+                if not np.isfinite(float(loss.data)):
+                    log(f"  {name} lr={lr:g} diverged")
+                    return curve, False
+    return curve, True
+
+
+def first_reaching(curve, target):
+    for epoch, seconds, acc in curve:
+        if acc >= target:
+            return epoch, seconds
+    return None, None
+
+
+def plot(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, r in results.items():
+        epochs, seconds, acc = zip(*r["curve"])
+        label = f"{name} (lr {r['lr']:g})"
+        axes[0].plot(epochs, acc, marker=".", label=label)
+        axes[1].plot(seconds, acc, marker=".", label=label)
+    for ax, xlabel in zip(axes, ("epoch", "training wall time (s)")):
+        for target in TARGETS:
+            ax.axhline(target, color="grey", lw=0.6, ls="--")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test accuracy")
+        ax.set_ylim(0.9, 1.0)
+        ax.legend()
+    fig.suptitle("MNIST, resnet_mnist, batch %d" % next(iter(results.values()))["batchsize"])
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="resnet_mnist")
+    parser.add_argument("--batchsize", type=int, default=4096)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--tune-epochs", type=float, default=2)
+    parser.add_argument("--sgd-lrs", type=float, nargs=3, default=[0.2, 0.5, 1.0])
+    parser.add_argument("--kfac-lrs", type=float, nargs=3, default=[0.02, 0.05, 0.1])
+    parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--damping", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=float, default=1.0, help="lr warm-up epochs")
+    parser.add_argument("--power", type=float, default=2.0, help="polynomial decay power")
+    parser.add_argument("--decay-end", type=float, default=None,
+                        help="epoch where the lr reaches 0 (default: --epochs)")
+    parser.add_argument("--stale-warmup", type=int, default=10)
+    parser.add_argument("--stale-threshold", type=float, default=0.1)
+    parser.add_argument("--max-interval", type=int, default=8)
+    parser.add_argument("--eval-every", type=int, default=7, help="iterations")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="result/compare")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+
+    data = (load_split("train"), load_split("test"))
+    results, tuning = {}, {}
+    for name, grid in (("sgd", args.sgd_lrs), ("kfac", args.kfac_lrs)):
+        trials = []
+        for lr in grid:
+            short = argparse.Namespace(**vars(args))
+            short.decay_end = args.decay_end or args.epochs  # same schedule as the full run
+            curve, finite = train(name, lr, args.tune_epochs, short, data)
+            trials.append((curve[-1][2] if finite else -1.0, lr))
+        tuning[name] = [{"lr": lr, "accuracy": acc} for acc, lr in trials]
+        best_lr = max(trials)[1]
+        curve, _ = train(name, best_lr, args.epochs, args, data)
+        results[name] = {"lr": best_lr, "curve": curve, "batchsize": args.batchsize}
+
+    print(f"\nMNIST {args.arch}, batch {args.batchsize}, {args.epochs} epochs; lr chosen from "
+          f"3 trials of {args.tune_epochs:g} epochs each")
+    print(f"{'optimizer':10s} {'lr':>6s} " + " ".join(
+        f"{'ep@' + str(int(t * 100)) + '%':>8s} {'s@' + str(int(t * 100)) + '%':>8s}"
+        for t in TARGETS) + f" {'final acc':>10s} {'train s':>8s}")
+    summary = {}
+    for name, r in results.items():
+        row = {"lr": r["lr"], "final_accuracy": r["curve"][-1][2],
+               "train_seconds": r["curve"][-1][1]}
+        cells = []
+        for target in TARGETS:
+            epoch, seconds = first_reaching(r["curve"], target)
+            key = str(int(target * 100))
+            row[f"epochs_to_{key}"], row[f"seconds_to_{key}"] = epoch, seconds
+            cells.append("      --       --" if epoch is None else f"{epoch:8.2f} {seconds:8.1f}")
+        summary[name] = row
+        print(f"{name:10s} {r['lr']:6g} " + " ".join(cells)
+              + f" {row['final_accuracy']:10.4f} {row['train_seconds']:8.1f}")
+    sgd, kfac = summary["sgd"], summary["kfac"]
+    figures = {"batchsize": args.batchsize, "epochs": args.epochs, "tuning": tuning,
+               "sgd": sgd, "kfac": kfac}
+    if sgd["epochs_to_98"] and kfac["epochs_to_98"]:
+        figures["epoch_ratio_98"] = round(kfac["epochs_to_98"] / sgd["epochs_to_98"], 3)
+        figures["time_ratio_98"] = round(kfac["seconds_to_98"] / sgd["seconds_to_98"], 3)
+    plot(results, os.path.join(args.out, "compare.png"))
+    with open(os.path.join(args.out, "compare.json"), "w") as f:
+        json.dump({"figures": figures, "curves": {k: v["curve"] for k, v in results.items()}},
+                  f, indent=1)
+    print(f"curves: {os.path.join(args.out, 'compare.png')}")
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
