@@ -60,7 +60,7 @@ class CommunicatorBase(abc.ABC):
     # -- model-level collectives ----------------------------------------------
     @abc.abstractmethod
     def bcast_data(self, model):
-        """Overwrite every parameter's data with rank 0's, in sorted ``namedparams`` order.
+        """Overwrite every parameter's data with rank 0's, in the model's ``namedparams`` order.
 
         Moves one packed buffer of all parameters (a chain broadcast of B bytes).
         """
@@ -69,7 +69,7 @@ class CommunicatorBase(abc.ABC):
     def multi_node_mean_grad(self, model):
         """Set every parameter's grad to the mean of the grads over all ranks.
 
-        The grads are packed into one buffer in sorted ``namedparams`` order and all-reduced
+        The grads are packed into one buffer in the model's ``namedparams`` order and all-reduced
         (ring model: 2 (P-1)/P * B bytes each way).  A parameter whose grad is None counts as
         zeros, so the buffer layout depends only on the parameters' shapes and is the same on
         every rank; afterwards every parameter has a grad.

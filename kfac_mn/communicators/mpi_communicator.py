@@ -118,7 +118,7 @@ class MpiCommunicator(CommunicatorBase):
 
     # -- model-level collectives ----------------------------------------------
     def bcast_data(self, model):
-        params = parameter_buffer.sorted_named_params(model, "bcast_data")
+        params = parameter_buffer.ordered_named_params(model, "bcast_data")
         if not params:
             return
         xp = backend.get_array_module(params[0][1].data)
@@ -133,7 +133,7 @@ class MpiCommunicator(CommunicatorBase):
         parameter_buffer.unpack_data(xp.asarray(host), params)
 
     def multi_node_mean_grad(self, model):
-        params = parameter_buffer.sorted_named_params(model, "multi_node_mean_grad")
+        params = parameter_buffer.ordered_named_params(model, "multi_node_mean_grad")
         if not params:
             return
         xp = backend.get_array_module(params[0][1].data)

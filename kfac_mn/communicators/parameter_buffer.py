@@ -1,20 +1,22 @@
-"""One contiguous buffer for all parameters of a model, in sorted ``namedparams`` order.
+"""One contiguous buffer for all parameters of a model, in the model's ``namedparams`` order.
 
-Sorting by name makes the layout identical on every rank whatever order the model registered
-its parameters in, so element k of the buffer is the same parameter entry everywhere.
+A :class:`~kfac_mn.link.Link` lists its parameters in a deterministic order of its own (by path,
+numbers compared as numbers: ``/res2/9`` before ``/res2/10``) that does not depend on the order
+in which they were registered, so element k of the buffer is the same parameter entry on every
+rank.  The buffer keeps that order as it is.
 """
 from kfac_mn import backend
 
 
-def sorted_named_params(model, purpose):
-    """``model.namedparams()`` sorted by name, checked for data and a common dtype.
+def ordered_named_params(model, purpose):
+    """``model.namedparams()`` in the model's own order, checked for data and a common dtype.
 
     ``purpose`` names the caller in error messages.
     """
     if not hasattr(model, "namedparams"):
         raise TypeError(f"{purpose}: expected a model with namedparams(), got "
                         f"{type(model).__name__}")
-    params = sorted(model.namedparams(), key=lambda item: item[0])
+    params = list(model.namedparams())
     dtype = None
     for name, param in params:
         if param.data is None:

@@ -1,0 +1,80 @@
+"""float16 communication that cannot overflow: one power-of-two scale per segment.
+
+A packed K-FAC buffer mixes tensors of very different magnitudes (statistic sums over
+thousands of patches next to gradients of 1e-3), so one scale for the whole buffer would push
+the small ones into float16's subnormals.  Each segment ``i`` therefore gets its own scale
+``2^k_i`` with ``k_i = log2(half_scale(bound_i, world_size))`` (see
+:func:`kfac_mn.communicators.packing.half_scale`): a sum over ``world_size`` ranks of values
+bounded by ``bound_i`` stays below 2^15 after scaling, half of float16's range.  Powers of two
+scale exactly; unscaling after the collective divides by the same power.
+
+Exponents are clamped to [-MAX_EXPONENT, MAX_EXPONENT] so that ``2^k`` is a normal number even
+in float32 (the product is formed in the buffer's dtype).  Clamping from above only shrinks a
+scale (still safe); a bound so large that even ``2^-MAX_EXPONENT`` overflows is an error, and so
+is a bound that is inf or nan.  The exponents are small integers, exact in any float dtype, so
+they can travel inside a float16 buffer.
+"""
+import math
+
+import numpy
+
+from kfac_mn import backend
+from kfac_mn.communicators.packing import FLOAT16_SUM_LIMIT, half_scale
+
+MAX_EXPONENT = 100
+
+
+def segment_max_abs(buffer, sizes):
+    """Largest magnitude in each consecutive segment of ``buffer`` (float64 NumPy array).
+
+    Computed on the buffer's device and copied to the host once.
+    """
+    xp = backend.get_array_module(buffer)
+    maxima, offset = [], 0
+    for size in sizes:
+        part = buffer[offset:offset + size]
+        offset += size
+        maxima.append(xp.abs(part).max() if size else xp.zeros((), dtype=buffer.dtype))
+    if not maxima:
+        return numpy.zeros(0)
+    return backend.to_cpu(xp.stack(maxima)).astype(numpy.float64)
+
+
+def scale_exponents(bounds, world_size, labels):
+    """k_i with ``world_size * bounds[i] * 2^k_i <= 2^15`` (int64 NumPy array).
+
+    ``labels`` name the segments in the errors.
+    """
+    exponents = numpy.zeros(len(bounds), dtype=numpy.int64)
+    for i, bound in enumerate(bounds):
+        if not math.isfinite(bound):
+            raise FloatingPointError(
+                f"float16 communication: {labels[i]} holds inf or nan (largest magnitude "
+                f"{bound!r}); the step cannot be communicated")
+        k = int(math.log2(half_scale(float(bound), world_size)))
+        if k < -MAX_EXPONENT:
+            raise OverflowError(
+                f"float16 communication: {labels[i]} has magnitude {bound:.3g}, beyond "
+                f"{FLOAT16_SUM_LIMIT * 2.0 ** MAX_EXPONENT / world_size:.3g}, the largest "
+                f"that {world_size} ranks can sum in float16")
+        exponents[i] = min(k, MAX_EXPONENT)
+    return exponents
+
+
+def scale_segments(buffer, sizes, exponents):
+    """``buffer`` with segment i multiplied by ``2^exponents[i]`` (same dtype, new array)."""
+    xp = backend.get_array_module(buffer)
+    powers = 2.0 ** numpy.asarray(exponents, dtype=numpy.float64)  # exact for integers
+    factors = xp.asarray(powers, dtype=buffer.dtype)
+    return buffer * xp.repeat(factors, [int(size) for size in sizes])
+
+
+def to_float16(buffer, sizes, exponents):
+    """Scale each segment and cast to float16."""
+    xp = backend.get_array_module(buffer)
+    return scale_segments(buffer, sizes, exponents).astype(xp.float16)
+
+
+def from_float16(buffer, sizes, exponents, dtype):
+    """Undo :func:`to_float16` (after a sum or a gather): cast to ``dtype``, then unscale."""
+    return scale_segments(buffer.astype(dtype), sizes, -numpy.asarray(exponents))

@@ -1,0 +1,81 @@
+"""Per-step accounting of distributed K-FAC: seconds and bytes of each stage, on this rank.
+
+A :class:`StepReport` times each stage (synchronising the GPU first, so that asynchronous
+kernels are charged to the stage that launched them) and charges to it the collectives it ran:
+the difference of ``comm.stats`` (calls, modelled ring bytes sent and received, seconds inside
+MPI; see :mod:`kfac_mn.communicators.traffic`) before and after the stage.  Nothing else may
+reset ``comm.stats`` during a step.
+
+:meth:`StepReport.as_dict` is what ``DistributedKFAC.last_step_report`` holds::
+
+    {"step": 12, "due_layers": 3, "owned_layers": 2, "compute_seconds": {...},
+     "seconds": 0.041,
+     "bytes_sent": 7520, "bytes_received": 7380,
+     "stages": {"1_compute_local_statistics": {"seconds": 0.012, "collectives": {}},
+                "2_reduce_scatter_statistics": {"seconds": 0.004, "collectives": {
+                    "reduce_scatter_v": {"calls": 1, "bytes_sent": 6000, ...}, ...}},
+                ...}}
+"""
+import contextlib
+import time
+
+from kfac_mn import backend
+
+_TOTAL_KEYS = ("calls", "bytes_sent", "bytes_received", "seconds")
+
+
+def stats_difference(after, before):
+    """Per-operation ``after - before`` of two ``comm.stats`` snapshots (operations called)."""
+    difference = {}
+    for operation, totals in after.items():
+        previous = before.get(operation, dict.fromkeys(_TOTAL_KEYS, 0))
+        delta = {key: totals[key] - previous[key] for key in _TOTAL_KEYS}
+        if delta["calls"]:
+            difference[operation] = delta
+    return difference
+
+
+def synchronize(xp):
+    """Wait for the GPU's queued work (nothing to wait for with NumPy)."""
+    if xp is not backend.numpy:
+        xp.cuda.get_current_stream().synchronize()
+
+
+class StepReport:
+    def __init__(self, comm, xp):
+        self._comm = comm
+        self._xp = xp
+        self.stages = {}
+        self.info = {}
+
+    @contextlib.contextmanager
+    def stage(self, name):
+        """Charge the time and the collectives of the ``with`` body to stage ``name``."""
+        synchronize(self._xp)
+        before = self._comm.stats
+        start = time.perf_counter()
+        yield
+        synchronize(self._xp)
+        seconds = time.perf_counter() - start
+        self.stages[name] = {"seconds": seconds,
+                             "collectives": stats_difference(self._comm.stats, before)}
+
+    def as_dict(self):
+        collectives = [c for stage in self.stages.values() for c in stage["collectives"].values()]
+        return {**self.info,
+                "seconds": sum(stage["seconds"] for stage in self.stages.values()),
+                "bytes_sent": sum(c["bytes_sent"] for c in collectives),
+                "bytes_received": sum(c["bytes_received"] for c in collectives),
+                "stages": self.stages}
+
+
+def format_report(report):
+    """One line for a training log: seconds and bytes sent per stage."""
+    parts = []
+    for name, stage in report["stages"].items():
+        sent = sum(c["bytes_sent"] for c in stage["collectives"].values())
+        text = f"{name} {stage['seconds'] * 1e3:.1f} ms"
+        if stage["collectives"]:
+            text += f" {sent / 1e6:.3f} MB sent"
+        parts.append(text)
+    return f"step {report.get('step', '?')}: " + " | ".join(parts)
