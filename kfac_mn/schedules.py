@@ -13,6 +13,12 @@ restores it exactly; :class:`ScheduleSet` applies several to an optimizer.
 import math
 
 
+def linear_warmup(initial, warmup_from, warmup_epochs, epoch):
+    """``initial * (warmup_from + (1 - warmup_from) * epoch / warmup_epochs)``."""
+    frac = epoch / warmup_epochs
+    return initial * (warmup_from + (1.0 - warmup_from) * frac)
+
+
 class PolynomialDecay:
     def __init__(self, initial, power, start_epoch, end_epoch, warmup_epochs=0.0,
                  warmup_from=0.0):
@@ -32,8 +38,7 @@ class PolynomialDecay:
 
     def __call__(self, epoch):
         if epoch < self.warmup_epochs:
-            frac = epoch / self.warmup_epochs
-            return self.initial * (self.warmup_from + (1.0 - self.warmup_from) * frac)
+            return linear_warmup(self.initial, self.warmup_from, self.warmup_epochs, epoch)
         if epoch < self.start_epoch:
             return self.initial
         progress = min((epoch - self.start_epoch) / (self.end_epoch - self.start_epoch), 1.0)
@@ -52,8 +57,7 @@ class StepDecay:
 
     def __call__(self, epoch):
         if epoch < self.warmup_epochs:
-            frac = epoch / self.warmup_epochs
-            return self.initial * (self.warmup_from + (1.0 - self.warmup_from) * frac)
+            return linear_warmup(self.initial, self.warmup_from, self.warmup_epochs, epoch)
         passed = sum(1 for m in self.milestones if epoch >= m)
         return self.initial * self.rate ** passed
 
