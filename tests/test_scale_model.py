@@ -1,0 +1,235 @@
+"""scripts/scale_model.py: the cost model's formulas, its trace of a model, and its modes."""
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from kfac_mn import Chain
+from kfac_mn import functions as F
+from kfac_mn import links as L
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_spec = importlib.util.spec_from_file_location("scale_model",
+                                               os.path.join(REPO, "scripts", "scale_model.py"))
+scale_model = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(scale_model)
+
+MACHINE = dataclasses.replace(scale_model.V100_EDR, alpha=1e-6, bandwidth=1e9)
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    return scale_model.trace_model("resnet_mnist", None, 1, 10)
+
+
+def test_ring_time_is_paid_at_the_largest_segment():
+    assert scale_model.ring_seconds([400], MACHINE) == 0.0
+    equal = scale_model.ring_seconds([250] * 4, MACHINE)
+    assert equal == pytest.approx(3 * 1e-6 + 3 / 4 * 1000 / 1e9)  # (P-1) a + (P-1)/P B / bw
+    assert scale_model.ring_seconds([100, 700, 100, 100], MACHINE) == pytest.approx(
+        3 * (1e-6 + 700 / 1e9))
+
+
+def test_allreduce_time_is_the_textbook_ring():
+    assert scale_model.allreduce_seconds(1000, 1, MACHINE) == 0.0
+    assert scale_model.allreduce_seconds(1000, 4, MACHINE) == pytest.approx(
+        2 * 3 * 1e-6 + 2 * 3 / 4 * 1000 / 1e9)
+
+
+class TinyNet(Chain):
+    def __init__(self):
+        super().__init__()
+        with self.init_scope():
+            self.conv = L.Convolution2D(2, 4, 3, stride=2, pad=1, nobias=True)
+            self.bn = L.BatchNormalization(4)
+            self.fc = L.Linear(64, 5)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.bn(self.conv(x))))
+
+
+def test_shape_trace_counts_gemm_flops_and_patches():
+    model = TinyNet()
+    x = np.zeros((1, 2, 8, 8), dtype=np.float32)
+    trace = scale_model.ShapeTrace(x)
+    with trace:
+        model(x)
+    by_label = {call.label: call for call in trace.calls}
+    assert list(by_label) == ["Convolution2DFunction", "BatchNormalization", "ReLU", "Reshape",
+                              "LinearFunction"]
+    conv, bn, relu, fc = (by_label[label] for label in (
+        "Convolution2DFunction", "BatchNormalization", "ReLU", "LinearFunction"))
+    assert (conv.label, conv.positions, conv.first) == ("Convolution2DFunction", 16, True)
+    assert conv.gemm_flops == 2 * 16 * (2 * 3 * 3) * 4
+    assert conv.patch_values == 16 * 18
+    assert (bn.label, bn.positions, bn.elements, bn.first) == ("BatchNormalization", 16, 64,
+                                                               False)
+    assert relu.label == "ReLU" and relu.gemm_flops == 0
+    assert fc.gemm_flops == 2 * 64 * 5 and fc.patch_values == 0
+
+
+def test_trace_of_resnet_mnist_matches_its_parameters(mnist):
+    blocks = [item for item in mnist.items if item.block is not None]
+    assert set(mnist.call_of) == {item.name for item in blocks}
+    assert mnist.parameters == sum(item.gradient_size() for item in mnist.items)
+    conv1 = mnist.call_of["/conv1"]
+    assert conv1.first and conv1.positions == 28 * 28
+
+
+def test_layout_holds_every_gradient_and_packed_statistic(mnist):
+    plan = scale_model.layout(mnist, 3, "balanced", half=False, adaptive=False)
+    gradients, _, packed = scale_model.bench_comm.full_and_packed_sizes(mnist.items)
+    assert sum(plan.gradients) == gradients and sum(plan.statistics) == packed
+    assert plan.trailer == [0, 0, 0]
+    half = scale_model.layout(mnist, 3, "balanced", half=True, adaptive=True)
+    assert sum(half.trailer) == sum(len(item.params) for item in mnist.items) + 2 * len(
+        mnist.call_of)
+
+
+def test_iteration_stages(mnist):
+    compute = scale_model.modelled_compute(mnist, MACHINE, 32)
+    one = scale_model.iteration(mnist, compute, MACHINE, 1, "kfac_every_step")
+    plan = scale_model.layout(mnist, 1, "balanced", half=False, adaptive=False)
+    values = sum(plan.gradients) + sum(plan.statistics)
+    assert one["reduce_scatter"] == pytest.approx(scale_model.packing_seconds(  # no messages
+        plan.grad_segments + plan.stat_segments, values * MACHINE.comm_bytes, MACHINE))
+    assert one["allgather"] == pytest.approx(scale_model.packing_seconds(
+        plan.grad_segments, sum(plan.gradients) * MACHINE.comm_bytes, MACHINE))
+    owner_total = sum(inv + pre for inv, pre in compute.owner.values())
+    assert one["owner_work"] == pytest.approx(owner_total)
+    many = len(mnist.items) + 5
+    wide = scale_model.iteration(mnist, compute, MACHINE, many, "kfac_every_step")
+    assert wide["owner_work"] == pytest.approx(max(inv + pre
+                                                   for inv, pre in compute.owner.values()))
+    assert wide["reduce_scatter"] > 0 and wide["allgather"] > 0
+    stale = scale_model.iteration(mnist, compute, MACHINE, 1, "kfac_stale", stale_interval=4)
+    assert stale["factors"] == pytest.approx(one["factors"] / 4)
+    assert stale["owner_work"] == pytest.approx(sum(inv / 4 + pre
+                                                    for inv, pre in compute.owner.values()))
+    sgd = scale_model.iteration(mnist, compute, MACHINE, 4, "sgd")
+    assert sgd["factors"] == sgd["owner_work"] == sgd["allgather"] == 0.0
+    assert sgd["reduce_scatter"] == pytest.approx(
+        scale_model.allreduce_seconds(mnist.parameters * MACHINE.comm_bytes, 4, MACHINE))
+
+
+def test_forward_backward_grows_linearly_with_the_batch(mnist):
+    at = {b: scale_model.forward_backward_seconds(mnist, MACHINE, b) for b in (8, 16, 32)}
+    assert at[32] - at[16] == pytest.approx(2 * (at[16] - at[8]))
+
+
+def bench_kfac_json(path, batchsize=16):
+    stages = {"forward": 0.01, "backward": 0.02, "factors": 0.005, "inversion": 0.004,
+              "precondition": 0.001, "update": 0.0005}
+    sgd = {"forward": 0.011, "backward": 0.019, "factors": 0.0, "inversion": 0.0,
+           "precondition": 0.0, "update": 0.0004}
+    value = {"arch": "resnet_mnist", "batchsize": batchsize, "size": 28,
+             "kfac_every_step_s": sum(stages.values()),
+             "stages": {"sgd": sgd, "kfac_every_step": stages, "kfac_stale": stages}}
+    path.write_text("a table line\n" + json.dumps(value) + "\n")
+    return value
+
+
+def test_measured_compute_reproduces_its_own_run_and_scales(tmp_path, mnist):
+    measured = bench_kfac_json(tmp_path / "kfac.json")
+    same = scale_model.measured_compute(mnist, MACHINE, 16, measured)
+    assert same.forward_backward == pytest.approx(0.03)
+    assert same.factors == pytest.approx(0.005)
+    assert sum(inv for inv, _ in same.owner.values()) == pytest.approx(0.004)
+    assert sum(pre for _, pre in same.owner.values()) == pytest.approx(0.001)
+    double = scale_model.measured_compute(mnist, MACHINE, 32, measured)
+    assert double.forward_backward == pytest.approx(0.06)
+    assert double.owner == same.owner and double.update == same.update
+
+
+def test_compare_bench_kfac_at_its_own_batch_is_exact(tmp_path):
+    measured = bench_kfac_json(tmp_path / "kfac.json")
+    args = scale_model.parse_args(["--in-channels", "1", "--n-class", "10"])
+    rows = scale_model.comparison_rows(measured, MACHINE, args, measured)
+    kfac = [row for row in rows if "kfac_every_step" in row[0]]
+    assert [row[1] for row in kfac] == list(scale_model.BENCH_KFAC_MAP)
+    for _, _, model, found in kfac:
+        assert model == pytest.approx(found)
+    sgd = [row for row in rows if " sgd " in row[0]]
+    assert [row[1] for row in sgd] == ["forward+backward", "update"]
+    assert sgd[0][3] == pytest.approx(0.03)
+
+
+def test_compare_bench_comm_takes_the_slowest_rank(mnist):
+    def rank(seconds):
+        return {"seconds_per_step": 0.1, "stages": {
+            name: {"seconds": seconds, "collectives": {}} for name in scale_model.KFAC_STAGE_MAP}}
+    measured = {"measured": {"ranks": 2, "batch": 32, "results": {
+        "float32": [rank(0.01), rank(0.03)], "float16": [rank(0.02), rank(0.01)]}}}
+    args = scale_model.parse_args([])
+    rows = scale_model.comparison_rows(measured, MACHINE, args)
+    assert len(rows) == 12
+    assert {row[3] for row in rows if row[1] == "step"} == {0.1}
+    waiting = scale_model.WAITING_STAGES
+    for dtype, slowest, fastest in (("float32", 0.03, 0.01), ("float16", 0.02, 0.01)):
+        found = {row[1]: row[3] for row in rows if dtype in row[0] and row[1] != "step"}
+        assert found == {name: fastest if name in waiting else slowest for name in found}
+    fp32 = {row[1]: row[2] for row in rows if "float32" in row[0]}
+    fp16 = {row[1]: row[2] for row in rows if "float16" in row[0]}
+    assert fp32["5_apply_update"] == pytest.approx(fp16["5_apply_update"])
+    assert fp32["4_allgather_preconditioned_gradients"] > fp16[
+        "4_allgather_preconditioned_gradients"]
+
+
+def test_compare_rejects_an_unknown_json():
+    with pytest.raises(SystemExit, match="neither bench_kfac.py"):
+        scale_model.comparison_rows({"x": 1}, MACHINE, scale_model.parse_args([]))
+
+
+def test_machine_json_errors_name_the_key(tmp_path):
+    good = {name: getattr(scale_model.V100_EDR, name) for name in scale_model.MACHINE_FIELDS}
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps({**good, "note": "x"}))
+    assert scale_model.load_machine(str(path)) == scale_model.V100_EDR
+    path.write_text(json.dumps({**good, "flopz": 1}))
+    with pytest.raises(SystemExit, match=r"unknown keys \['flopz'\]"):
+        scale_model.load_machine(str(path))
+    path.write_text(json.dumps({**good, "alpha": -1}))
+    with pytest.raises(SystemExit, match="'alpha' must be a positive number"):
+        scale_model.load_machine(str(path))
+    path.write_text(json.dumps({**good, "im2col": 1}))
+    with pytest.raises(SystemExit, match="'im2col' must be true or false"):
+        scale_model.load_machine(str(path))
+
+
+def test_paper_estimates_use_the_paper_iterations():
+    row = {"ranks": 1024, **{mode: {"total": 0.5} for mode in scale_model.MODES}}
+    estimates = scale_model.paper_estimates(row, 32)
+    paper = estimates["45 epochs (paper: 1,760 iterations)"]
+    assert paper["iterations"] == 1760 and paper["sgd"] == pytest.approx(1760 * 0.5 / 60)
+    assert estimates["35 epochs"]["iterations"] == math.ceil(35 * 1_281_167 / 32768)
+
+
+def test_command_line_run_writes_table_plot_and_json(tmp_path):
+    machine = tmp_path / "machine.json"
+    values = {name: getattr(MACHINE, name) for name in scale_model.MACHINE_FIELDS}
+    machine.write_text(json.dumps(values))
+    done = subprocess.run(
+        [sys.executable, "scripts/scale_model.py", "--arch", "resnet_mnist", "--in-channels",
+         "1", "--n-class", "10", "--ranks", "1", "2", "1024", "--machine-json", str(machine),
+         "--alpha", "3e-6", "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert figures["machine"]["alpha"] == 3e-6 and figures["machine"]["bandwidth"] == 1e9
+    assert [row["ranks"] for row in figures["rows"]] == [1, 2, 1024]
+    assert "paper_estimates" in figures
+    assert (tmp_path / "out" / "scale_model.png").stat().st_size > 0
+    assert json.loads((tmp_path / "out" / "scale_model.json").read_text())["rows"] == \
+        figures["rows"]
+
+
+def test_command_line_rejects_bad_flags(tmp_path):
+    done = subprocess.run([sys.executable, "scripts/scale_model.py", "--ranks", "0"],
+                          capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert done.returncode == 2 and "--ranks must be >= 1" in done.stderr
