@@ -1,0 +1,98 @@
+"""Assemble one batch: decode, transform and stack its examples, then batch augmentation.
+
+The same ``BatchBuilder`` runs in the main process (``n_workers=0``) and in every loader
+worker, so the batch a rank gets never depends on where it was built.
+"""
+import numpy
+
+from utils.error_notes import add_note
+from utils.image_decoding import CorruptImageError
+from utils.seeding import batch_rng, example_rng
+
+
+def allocate_float32(shape):
+    return numpy.empty(shape, dtype=numpy.float32)
+
+
+def _describe(dataset, index):
+    path = getattr(dataset, "path", None)
+    return f"example {index}" + (f" ({path(index)})" if path is not None else "")
+
+
+class BatchBuilder:
+    """Builds the batch of given example indices for one rank.
+
+    ``transform(image, rng, out)`` maps ``dataset.get_image(i)`` to a float32 (C, H, W)
+    array of a fixed shape, written into ``out``, the example's row of the batch (once the
+    shape is known: the first example built is transformed on its own),
+    ``rng = example_rng(seed, epoch, i, repeat)``; the image is closed afterwards; the optional
+    ``augmentation(x, labels, rng)`` then sees the whole batch with
+    ``rng = batch_rng(seed, epoch, iteration, rank)``. With ``skip_corrupt`` an image that
+    does not decode is left out of its batch (the batch is one shorter) and reported.
+    """
+
+    def __init__(self, dataset, transform, augmentation=None, seed=0, rank=0,
+                 skip_corrupt=False):
+        self.dataset = dataset
+        self.transform = transform
+        self.augmentation = augmentation
+        self.seed = seed
+        self.rank = rank
+        self.skip_corrupt = skip_corrupt
+        self._example_shape = None
+
+    def _transformed(self, index, rng, out=None):
+        with self.dataset.get_image(index) as image:  # closes a lazily opened file
+            try:
+                example = self.transform(image, rng, out)
+            except Exception as error:
+                add_note(error, f"while transforming {_describe(self.dataset, index)}")
+                raise
+        if self._example_shape is not None and example.shape != self._example_shape:
+            raise ValueError(
+                f"{_describe(self.dataset, index)} transformed to shape {example.shape}, other "
+                f"examples to {self._example_shape}: the transform must give one fixed shape")
+        self._example_shape = example.shape
+        if out is not None and example is not out:
+            out[...] = example  # from a transform that returns a new array instead
+        return example
+
+    def example_shape(self):
+        """Shape of a transformed example (transforms example 0 if none was built yet)."""
+        if self._example_shape is None:
+            self._transformed(0, example_rng(self.seed, 0, 0, 0))
+        return self._example_shape
+
+    def build(self, epoch, iteration, indices, repeats, allocate=allocate_float32):
+        """Return ``(x, targets, skipped)`` for the examples ``indices`` read for the
+        ``repeats``-th time this epoch. ``x`` lives in the float32 array ``allocate(shape)``;
+        ``skipped`` lists ``(index, message)`` of corrupt images left out."""
+        x, labels, skipped = None, [], []
+        if self._example_shape is not None:
+            x = allocate((len(indices),) + self._example_shape)
+        for index, repeat in zip(indices.tolist(), repeats.tolist()):
+            rng = example_rng(self.seed, epoch, index, repeat)
+            try:
+                if x is None:
+                    example = self._transformed(index, rng)
+                    x = allocate((len(indices),) + example.shape)
+                    x[0] = example
+                else:
+                    self._transformed(index, rng, out=x[len(labels)])
+            except CorruptImageError as error:
+                if not self.skip_corrupt:
+                    raise
+                skipped.append((index, str(error)))
+                continue
+            labels.append(self.dataset.get_label(index))
+        if x is None:
+            x = allocate((0,) + self.example_shape())
+        x = x[:len(labels)]
+        labels = numpy.asarray(labels, dtype=numpy.int32)
+        if self.augmentation is None:
+            return x, labels, skipped
+        mixed, targets = self.augmentation(x, labels, batch_rng(self.seed, epoch, iteration,
+                                                                self.rank))
+        if mixed is not x:
+            x[...] = mixed
+        return x, targets, skipped

@@ -1,0 +1,123 @@
+"""One training update and one validation pass, on every rank.
+
+Update (``acc_iters = k``): the rank's batch of ``k x batchsize`` examples is split into k
+micro-batches.  K-FAC hands them to the optimizer as :class:`MicroBatches` (factors and
+gradients accumulate over them; :class:`DistributedKFAC` then reduces, preconditions and
+gathers).  SGD back-propagates each micro-batch, divides the summed gradients by k, averages
+them over the ranks (``comm.multi_node_mean_grad``) and updates.  Either way the step's
+report holds the seconds and bytes communicated of each stage.
+
+Validation: each rank evaluates its shard of the validation set (BN in inference mode, no
+graph); the sums of loss, top-1 and top-5 hits and examples are added over ranks with
+``comm.allreduce_obj``.
+"""
+import numpy
+
+from kfac_mn import backend
+from kfac_mn import functions as F
+from kfac_mn.configuration import no_backprop_mode, using_config
+from kfac_mn.links import Classifier
+from kfac_mn.optimizers.kfac import MicroBatches
+from kfac_mn.optimizers.step_report import StepReport
+
+TOP_K = 5
+
+
+class MeteredClassifier(Classifier):
+    """A :class:`Classifier` that also records each call's loss and top-1 hits.
+
+    ``pop_totals()`` returns ``(loss x examples, top-1 hits, examples)`` summed over the
+    calls since the last ``pop_totals`` (host floats; one device synchronisation).
+    """
+
+    def __init__(self, predictor):
+        super().__init__(predictor)
+        self._records = []
+
+    def forward(self, *args):
+        loss = super().forward(*args)
+        self._records.append((loss.data, self.accuracy.data, len(args[-1])))
+        return loss
+
+    def pop_totals(self):
+        totals = numpy.zeros(3)
+        for loss, accuracy, n in self._records:
+            totals += (float(loss) * n, float(accuracy) * n, n)
+        self._records = []
+        return totals
+
+
+def to_device(array, xp):
+    """``array`` on the device of ``xp`` (a copy to the current GPU for CuPy)."""
+    return array if xp is numpy else backend.to_gpu(array)
+
+
+def micro_batches(x, t, k):
+    """``k`` consecutive, (nearly) equal parts of the batch ``(x, t)``."""
+    bounds = numpy.linspace(0, len(x), k + 1).round().astype(int)
+    return [(x[start:stop], t[start:stop]) for start, stop in zip(bounds[:-1], bounds[1:])]
+
+
+class UpdateStep:
+    """``step(x, t)`` runs one update of ``optimizer`` on this rank's batch; returns the report.
+
+    The report is ``DistributedKFAC.last_step_report`` for K-FAC, and the same layout
+    (``stages`` with seconds and collectives, ``bytes_sent``, ``bytes_received``) for SGD.
+    """
+
+    def __init__(self, comm, optimizer, classifier, acc_iters):
+        self.comm = comm
+        self.optimizer = optimizer
+        self.classifier = classifier
+        self.acc_iters = acc_iters
+        self.is_kfac = hasattr(optimizer, "fisher_blocks")
+
+    def __call__(self, x, t):
+        xp = self.classifier.xp
+        batches = [(to_device(xb, xp), to_device(tb, xp))
+                   for xb, tb in micro_batches(x, t, self.acc_iters)]
+        if self.is_kfac:
+            args = batches[0] if len(batches) == 1 else (MicroBatches(batches),)
+            self.optimizer.update(self.classifier, *args)
+            return self.optimizer.last_step_report
+        return self._sgd_update(batches, xp)
+
+    def _sgd_update(self, batches, xp):
+        report = StepReport(self.comm, xp)
+        with report.stage("1_forward_backward"):
+            self.classifier.cleargrads()
+            for x, t in batches:
+                loss = self.classifier(x, t)
+                loss.backward()
+                loss.unchain()
+            if len(batches) > 1:
+                for param in self.classifier.params(include_uninit=False):
+                    if param.grad is not None:
+                        param.grad /= param.grad.dtype.type(len(batches))
+        with report.stage("2_allreduce_gradients"):
+            self.comm.multi_node_mean_grad(self.classifier)
+        with report.stage("3_update"):
+            self.optimizer.update()
+        report.info.update(step=self.optimizer.t)
+        return report.as_dict()
+
+
+def evaluate(predictor, loader, comm):
+    """Validation over all ranks: ``{'loss', 'accuracy', 'accuracy_top5', 'examples'}``."""
+    xp = predictor.xp
+    sums = numpy.zeros(4)  # loss x examples, top-1 hits, top-k hits, examples
+    loader.reset()
+    with no_backprop_mode(), using_config("train", False):
+        for x, t in loader:
+            if len(t) == 0:
+                continue
+            x, t = to_device(x, xp), to_device(t, xp)
+            y = predictor(x)
+            n = len(t)
+            top_k = min(TOP_K, y.shape[1])
+            sums += (float(F.softmax_cross_entropy(y, t).data) * n,
+                     round(float(F.accuracy(y, t).data) * n),
+                     round(float(F.accuracy(y, t, top_k=top_k).data) * n), n)
+    loss, top1, top5, n = comm.allreduce_obj(sums)
+    return {"loss": loss / n, "accuracy": top1 / n, "accuracy_top5": top5 / n,
+            "examples": int(n)}
