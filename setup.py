@@ -23,6 +23,9 @@ setup(
     ],
     extras_require={
         # Everything the test suite needs, MPI included (mpich from PyPI: no system MPI).
+        # an MPI library from PyPI (mpiexec included) for laptops and CI; on a cluster,
+        # leave it out and let mpi4py use the system's MPI
+        "mpich": ["mpich"],
         "test": [
             "pytest>=7",
             "mpich",
