@@ -3,6 +3,8 @@
 Every other module asks ``xp = get_array_module(x)`` and writes code that works
 for both.  CuPy is optional: the library imports and runs without it.
 """
+import importlib
+
 import numpy
 
 try:
@@ -24,6 +26,17 @@ def gpu_available():
         return cupy.cuda.runtime.getDeviceCount() > 0
     except Exception:  # CUDA driver missing or broken
         return False
+
+
+def load_nccl():
+    """CuPy's NCCL binding (``cupy.cuda.nccl``), or None when CuPy or its NCCL is missing."""
+    if not cupy_available:
+        return None
+    try:
+        nccl = importlib.import_module("cupy.cuda.nccl")
+    except ImportError:  # pragma: no cover - depends on the machine
+        return None
+    return nccl if getattr(nccl, "available", False) else None
 
 
 def _raw(x):

@@ -23,7 +23,7 @@ class WeightDecay:
             rule = param.update_rule
             if param.grad is None or (rule is not None and not rule.enabled):
                 continue
-            param.grad += as_param_dtype(self.rate, param) * param.data
+            param.grad += param.data * as_param_dtype(self.rate, param)
 
 
 class WeightRescale:
@@ -49,4 +49,5 @@ class WeightRescale:
             xp = link.W.xp
             norm = xp.sqrt(xp.sum(W * W))
             target = as_param_dtype((2.0 * W.shape[0]) ** 0.5, link.W)
-            W *= (target / xp.maximum(norm, as_param_dtype(1e-12, link.W))).astype(W.dtype)
+            W *= xp.divide(target, xp.maximum(norm, as_param_dtype(1e-12, link.W))).astype(
+                W.dtype)

@@ -12,15 +12,19 @@ Tuning protocol (the same budget for both): each optimizer tries each
 learning rate of its grid (``--sgd-lrs``, ``--kfac-lrs``: three values each)
 for ``--tune-epochs`` epochs; the one with the best test accuracy at the end of
 that short run wins and is trained for ``--epochs`` epochs.  Nothing else is
-tuned (K-FAC: damping ``--damping``, adaptive stale statistics).
+tuned (K-FAC: damping ``--damping``, adaptive stale statistics, curvature statistics from
+the first ``--stats-batchsize`` examples of each batch).
 
-Test accuracy is measured every ``--eval-every`` iterations; epochs are
+Test accuracy is measured every ``--eval-every`` iterations, after re-estimating the
+batch-norm statistics on ``--bn-examples`` training images (precise BN, for both
+optimizers; the training state is restored afterwards); epochs are
 fractional (iterations x batch / 60,000) and wall seconds count training only
 (evaluation excluded).  Prints a table (epochs and seconds to 98% and 99%,
 final accuracy), writes a PNG of the curves and ``compare.json``, and ends
 with one JSON line.
 """
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -31,6 +35,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kfac_mn import functions as F  # noqa: E402
+from kfac_mn import links as L  # noqa: E402
 from kfac_mn import no_backprop_mode, using_config  # noqa: E402
 from kfac_mn.fisher.schedule import StatisticsSchedule  # noqa: E402
 from kfac_mn.optimizer_hooks import WeightRescale  # noqa: E402
@@ -49,6 +54,30 @@ def load_split(split):
     return x, labels.astype(np.int32)
 
 
+@contextlib.contextmanager
+def precise_bn(model, x, batch=2500):
+    """Inside the block every BN layer's running statistics are their average over ``x``.
+
+    With 14 updates per epoch the running averages (decay 0.9) still carry a large part of
+    their initial values early on; re-estimating them before each evaluation measures the
+    weights, not that lag (precise BN).  The training state is restored on exit.
+    """
+    norms = [link for link in model.links() if isinstance(link, L.BatchNormalization)]
+    saved = [(link.decay, link.avg_mean.copy(), link.avg_var.copy()) for link in norms]
+    with no_backprop_mode(), using_config("train", True):
+        for k, start in enumerate(range(0, len(x), batch)):
+            for link in norms:
+                link.decay = k / (k + 1.0)  # cumulative mean over the batches
+            model(x[start:start + batch])
+    try:
+        yield
+    finally:
+        for link, (decay, mean, var) in zip(norms, saved):
+            link.decay = decay
+            link.avg_mean[...] = mean
+            link.avg_var[...] = var
+
+
 def evaluate(model, x, t, batch=2500):
     correct = 0
     with no_backprop_mode(), using_config("train", False):
@@ -65,7 +94,8 @@ def make_optimizer(name, lr, momentum, args, steps_per_epoch):
         schedule = StatisticsSchedule("adaptive", warmup_steps=args.stale_warmup,
                                       threshold=args.stale_threshold,
                                       max_interval=args.max_interval)
-        opt = KFAC(lr=lr, momentum=momentum, damping=args.damping, schedule=schedule)
+        opt = KFAC(lr=lr, momentum=momentum, damping=args.damping, schedule=schedule,
+                   stats_batchsize=args.stats_batchsize)
     lr_schedule = PolynomialDecay(lr, power=args.power, start_epoch=args.warmup,
                                   end_epoch=args.decay_end or args.epochs,
                                   warmup_epochs=args.warmup, warmup_from=0.1)
@@ -93,7 +123,7 @@ def train(name, lr, epochs, args, data, log=print):
         for step in range(steps_per_epoch):
             if iteration >= total:
                 break
-            idx = np.sort(order[step * args.batchsize:(step + 1) * args.batchsize])
+            idx = order[step * args.batchsize:(step + 1) * args.batchsize]
             start = time.perf_counter()
             schedules.apply(opt, iteration / steps_per_epoch)
             loss = opt.update(lossfun, x_train[idx], t_train[idx])
@@ -101,7 +131,8 @@ def train(name, lr, epochs, args, data, log=print):
             iteration += 1
             if iteration % args.eval_every == 0 or iteration == total:
                 epoch = iteration / steps_per_epoch
-                acc = evaluate(model, x_test, t_test)
+                with precise_bn(model, x_train[:args.bn_examples]):
+                    acc = evaluate(model, x_test, t_test)
                 curve.append((epoch, seconds, acc))
                 extra = ""
                 if name == "kfac":
@@ -160,10 +191,14 @@ def main():
     parser.add_argument("--power", type=float, default=2.0, help="polynomial decay power")
     parser.add_argument("--decay-end", type=float, default=None,
                         help="epoch where the lr reaches 0 (default: --epochs)")
+    parser.add_argument("--stats-batchsize", type=int, default=512,
+                        help="examples of each batch that feed K-FAC's statistics")
     parser.add_argument("--stale-warmup", type=int, default=10)
     parser.add_argument("--stale-threshold", type=float, default=0.1)
     parser.add_argument("--max-interval", type=int, default=8)
     parser.add_argument("--eval-every", type=int, default=7, help="iterations")
+    parser.add_argument("--bn-examples", type=int, default=10000,
+                        help="training images that re-estimate the BN statistics before a test")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="result/compare")
     args = parser.parse_args()

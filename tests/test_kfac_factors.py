@@ -190,3 +190,22 @@ def test_singular_factor_triggers_the_fallback_and_no_nan_reaches_the_weights():
     assert opt.fallbacks["more_damping"] > 0
     for param in model.params():
         assert np.isfinite(param.data).all()
+
+
+def test_stats_batchsize_uses_the_first_examples_with_full_batch_scaling():
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((6, 2, 7, 7))
+    t = rng.integers(0, 5, 6).astype(np.int32)
+    model = to_float64(ConvNet())
+    g = per_example_output_grads(model, x, t, ["h_conv", "h_fc"])
+    opt = one_step(model, x, t, stats_batchsize=4)
+    a_fc = np.concatenate([model.a_fc.data.reshape(6, -1), np.ones((6, 1))], axis=1)[:4]
+    fc = opt.fisher_blocks["/fc"]
+    np.testing.assert_allclose(fc.A, a_fc.T @ a_fc / 4, rtol=1e-10)
+    np.testing.assert_allclose(fc.G, g["h_fc"][:4].T @ g["h_fc"][:4] / 4, rtol=1e-10)
+    patches = explicit_patches(x[:4], 3, 1, 1, True)
+    conv = opt.fisher_blocks["/conv"]
+    np.testing.assert_allclose(conv.A, np.einsum("nsi,nsj->ij", patches, patches) / 4,
+                               rtol=1e-10)
+    with pytest.raises(ValueError, match="stats_batchsize"):
+        KFAC(stats_batchsize=0)

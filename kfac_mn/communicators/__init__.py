@@ -1,13 +1,32 @@
 """Communicators for distributed K-FAC, named after the MPI operations they perform.
 
-``create_communicator`` is the one entry point.  mpi4py is imported only when an MPI
-communicator is created (or the abort hook installed), so importing this package neither
-initializes MPI nor needs it.
+``create_communicator`` is the one entry point: ``'mpi'`` (host buffers; CuPy arrays are
+staged through the host) or ``'nccl'`` (CuPy arrays over NCCL on the GPUs, MPI for the rest).
+mpi4py is imported only when a communicator is created (or the abort hook installed), so
+importing this package neither initializes MPI nor needs it.
 """
+from kfac_mn import backend
 from kfac_mn.communicators.abort_on_exception import install_abort_on_exception
 from kfac_mn.communicators.communicator_base import CommunicatorBase  # noqa: F401
 
-COMMUNICATOR_NAMES = ("mpi",)
+COMMUNICATOR_NAMES = ("mpi", "nccl")
+
+
+def require_nccl():
+    """CuPy's NCCL module, or a RuntimeError saying what is missing (checked before MPI starts)."""
+    fallback = "; on the CPU use create_communicator('mpi')"
+    if not backend.cupy_available:
+        raise RuntimeError("create_communicator('nccl') needs CuPy with NCCL, and CuPy is not "
+                           "installed (pip install 'kfac_mn[gpu]' or cupy-cudaXXx)" + fallback)
+    nccl = backend.load_nccl()
+    if nccl is None:
+        raise RuntimeError("create_communicator('nccl') needs NCCL, and this CuPy has no NCCL "
+                           "support (cupy.cuda.nccl.available is False; install NCCL, e.g. "
+                           "pip install nvidia-nccl-cu12)" + fallback)
+    if not backend.gpu_available():
+        raise RuntimeError("create_communicator('nccl') needs a CUDA device, and none is "
+                           "visible" + fallback)
+    return nccl
 
 
 def create_communicator(name="mpi", mpi_comm=None):
@@ -19,9 +38,15 @@ def create_communicator(name="mpi", mpi_comm=None):
     if name not in COMMUNICATOR_NAMES:
         raise ValueError(f"create_communicator: unknown communicator {name!r}; valid names: "
                          f"{', '.join(COMMUNICATOR_NAMES)}")
-    from kfac_mn.communicators.mpi_communicator import MpiCommunicator
+    if name == "nccl":
+        require_nccl()
+        from kfac_mn.communicators.nccl_communicator import NcclCommunicator
 
-    communicator = MpiCommunicator(mpi_comm)
+        communicator = NcclCommunicator(mpi_comm)
+    else:
+        from kfac_mn.communicators.mpi_communicator import MpiCommunicator
+
+        communicator = MpiCommunicator(mpi_comm)
     if communicator.size > 1:
         install_abort_on_exception()
     return communicator

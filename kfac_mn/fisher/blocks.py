@@ -29,8 +29,14 @@ undamped, so it never leaks into the average.
 import math
 
 from kfac_mn import backend
+from kfac_mn.fisher.factor_products import gram
 from kfac_mn.fisher.inverse import damped_inverse
 from kfac_mn.functions import im2col
+
+
+def _host_values(xp, values):
+    """Device scalars as Python floats, with one device-to-host copy for all of them."""
+    return [float(v) for v in backend.to_cpu(xp.stack(values))]
 
 
 def relative_change(new, old):
@@ -38,21 +44,18 @@ def relative_change(new, old):
     if old is None:
         return math.inf
     xp = backend.get_array_module(new)
-    norm_old = float(xp.linalg.norm(old.ravel()))
-    diff = float(xp.linalg.norm((new - old).ravel()))
+    norm_old, diff = _host_values(xp, [xp.linalg.norm(old.ravel()),
+                                       xp.linalg.norm((new - old).ravel())])
     if norm_old == 0.0:
         return 0.0 if diff == 0.0 else math.inf
     return diff / norm_old
 
 
-def _trace_mean(matrix):
-    xp = backend.get_array_module(matrix)
-    return float(xp.trace(matrix)) / matrix.shape[0]
-
-
 def pi_correction(A, G):
     """pi = sqrt((tr A / dim A) / (tr G / dim G)); 1 when either trace vanishes."""
-    ta, tg = _trace_mean(A), _trace_mean(G)
+    xp = backend.get_array_module(A)
+    trace_a, trace_g = _host_values(xp, [xp.trace(A), xp.trace(G).astype(A.dtype)])
+    ta, tg = trace_a / A.shape[0], trace_g / G.shape[0]
     if not (ta > 0.0 and tg > 0.0 and math.isfinite(ta) and math.isfinite(tg)):
         return 1.0
     return math.sqrt(ta / tg)
@@ -75,6 +78,11 @@ class FisherBlock:
         self.counts = {}      # name -> divisor of the sum (examples, or examples x positions)
         self.factors = {}     # name -> running (undamped) average
         self.inverses = {}    # name -> damped inverse from the last inversion
+        self.max_examples = None  # statistics from the first examples of a batch only
+
+    def _examples(self, n):
+        """How many of a batch's ``n`` examples feed the statistics (all by default)."""
+        return n if self.max_examples is None else min(n, self.max_examples)
 
     # -- statistics of one step ----------------------------------------------
     def reset_sums(self):
@@ -123,10 +131,18 @@ class FisherBlock:
 
 
 class KroneckerBlock(FisherBlock):
-    """A linear or convolution layer: F ~ A kron G."""
+    """A linear or convolution layer: F ~ A kron G.
+
+    ``factor_dtype`` is the precision of the inputs of the products a^T a and g^T g
+    (:mod:`kfac_mn.fisher.factor_products`; None: the data's own).
+    """
 
     statistic_names = ("A", "G")
     symmetric = {"A": True, "G": True}
+
+    def __init__(self, path, link, factor_dtype=None):
+        super().__init__(path, link)
+        self.factor_dtype = factor_dtype
 
     def param_list(self):
         return [self.link.W, getattr(self.link, "b", None)]
@@ -176,13 +192,13 @@ class KroneckerBlock(FisherBlock):
         K = patches.shape[1]
         if self.has_bias:
             A = xp.empty((K + 1, K + 1), dtype=patches.dtype)
-            A[:K, :K] = patches.T @ patches
+            A[:K, :K] = gram(patches, self.factor_dtype)
             column = patches.sum(axis=0)
             A[:K, K] = column
             A[K, :K] = column
             A[K, K] = patches.shape[0]
         else:
-            A = patches.T @ patches
+            A = gram(patches, self.factor_dtype)
         self._accumulate("A", A, count)
 
 
@@ -191,13 +207,15 @@ class LinearBlock(KroneckerBlock):
 
     def accumulate_forward(self, function, in_data):
         x = in_data[0]
-        self._accumulate_A(x.reshape(x.shape[0], -1), x.shape[0])
+        m = self._examples(x.shape[0])
+        self._accumulate_A(x[:m].reshape(m, -1), m)
 
     def accumulate_backward(self, function, in_data, out_grad):
         gy = out_grad[0]
         n = gy.shape[0]
-        g = gy * n  # per-example gradients (the loss is a batch mean)
-        self._accumulate("G", g.T @ g, n)
+        m = self._examples(n)
+        g = gy[:m] * n  # per-example gradients (the loss is a mean over all n)
+        self._accumulate("G", gram(g, self.factor_dtype), m)
 
 
 class ConvolutionBlock(KroneckerBlock):
@@ -206,6 +224,7 @@ class ConvolutionBlock(KroneckerBlock):
     def accumulate_forward(self, function, in_data):
         x, W = in_data[0], in_data[1]
         kh, kw = W.shape[2], W.shape[3]
+        x = x[:self._examples(x.shape[0])]
         col = im2col(x, (kh, kw), function.stride, function.pad)
         n, c = x.shape[0], x.shape[1]
         xp = backend.get_array_module(x)
@@ -217,11 +236,12 @@ class ConvolutionBlock(KroneckerBlock):
     def accumulate_backward(self, function, in_data, out_grad):
         gy = out_grad[0]
         n, cout = gy.shape[0], gy.shape[1]
+        m = self._examples(n)
         positions = gy.shape[2] * gy.shape[3]
         xp = backend.get_array_module(gy)
-        rows = xp.ascontiguousarray(gy.reshape(n, cout, positions).transpose(0, 2, 1))
+        rows = xp.ascontiguousarray(gy[:m].reshape(m, cout, positions).transpose(0, 2, 1))
         rows = rows.reshape(-1, cout)
-        self._accumulate("G", (rows.T @ rows) * (n * n), n * positions)
+        self._accumulate("G", gram(rows, self.factor_dtype) * (n * n), m * positions)
 
 
 class BatchNormBlock(FisherBlock):
@@ -254,9 +274,10 @@ class BatchNormBlock(FisherBlock):
     def accumulate_backward(self, function, in_data, out_grad):
         gy = out_grad[0]
         n, c = gy.shape[0], gy.shape[1]
-        x_hat = function.x_hat
-        g = gy.reshape(n, c, -1)
-        g_gamma = (g * x_hat.reshape(n, c, -1)).sum(axis=2) * n
+        m = self._examples(n)
+        x_hat = function.x_hat[:m]
+        g = gy[:m].reshape(m, c, -1)
+        g_gamma = (g * x_hat.reshape(m, c, -1)).sum(axis=2) * n
         g_beta = g.sum(axis=2) * n
         xp = backend.get_array_module(gy)
         if self.kind == "diag":
@@ -269,7 +290,7 @@ class BatchNormBlock(FisherBlock):
         else:
             both = xp.concatenate([g_gamma, g_beta], axis=1)
             F = both.T @ both
-        self._accumulate("F", F, n)
+        self._accumulate("F", F, m)
 
     def compute_inverses(self, damping, dtype, counter=None):
         F = self.factors["F"]

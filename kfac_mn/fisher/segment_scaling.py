@@ -24,12 +24,24 @@ from kfac_mn.communicators.packing import FLOAT16_SUM_LIMIT, half_scale
 MAX_EXPONENT = 100
 
 
+def _use_cuda_kernels(xp, *dtypes):
+    """On the GPU, float32/float64 buffers are scanned and scaled by one CUDA kernel."""
+    if xp is numpy:
+        return False
+    from kfac_mn import cuda_kernels
+    return all(numpy.dtype(dtype) in cuda_kernels.KERNEL_DTYPES for dtype in dtypes)
+
+
 def segment_max_abs(buffer, sizes):
     """Largest magnitude in each consecutive segment of ``buffer`` (float64 NumPy array).
 
-    Computed on the buffer's device and copied to the host once.
+    Computed on the buffer's device (one CUDA kernel on the GPU) and copied to the host once.
     """
     xp = backend.get_array_module(buffer)
+    if _use_cuda_kernels(xp, buffer.dtype):
+        from kfac_mn import cuda_kernels
+        maxima = cuda_kernels.segment_max_abs(buffer, [int(size) for size in sizes])
+        return backend.to_cpu(maxima).astype(numpy.float64)
     maxima, offset = [], 0
     for size in sizes:
         part = buffer[offset:offset + size]
@@ -61,20 +73,39 @@ def scale_exponents(bounds, world_size, labels):
     return exponents
 
 
+def _powers(exponents):
+    return 2.0 ** numpy.asarray(exponents, dtype=numpy.float64)  # exact for integers
+
+
 def scale_segments(buffer, sizes, exponents):
     """``buffer`` with segment i multiplied by ``2^exponents[i]`` (same dtype, new array)."""
     xp = backend.get_array_module(buffer)
-    powers = 2.0 ** numpy.asarray(exponents, dtype=numpy.float64)  # exact for integers
-    factors = xp.asarray(powers, dtype=buffer.dtype)
-    return buffer * xp.repeat(factors, [int(size) for size in sizes])
+    sizes = [int(size) for size in sizes]
+    if _use_cuda_kernels(xp, buffer.dtype):
+        from kfac_mn import cuda_kernels
+        return cuda_kernels.scale_segments(buffer, sizes, _powers(exponents), buffer.dtype,
+                                           buffer.dtype)
+    factors = xp.asarray(_powers(exponents), dtype=buffer.dtype)
+    return buffer * xp.repeat(factors, sizes)
 
 
 def to_float16(buffer, sizes, exponents):
-    """Scale each segment and cast to float16."""
+    """Scale each segment and cast to float16 (on the GPU: one CUDA kernel)."""
     xp = backend.get_array_module(buffer)
+    if _use_cuda_kernels(xp, buffer.dtype):
+        from kfac_mn import cuda_kernels
+        return cuda_kernels.scale_segments(buffer, [int(size) for size in sizes],
+                                           _powers(exponents), buffer.dtype, numpy.float16)
     return scale_segments(buffer, sizes, exponents).astype(xp.float16)
 
 
 def from_float16(buffer, sizes, exponents, dtype):
-    """Undo :func:`to_float16` (after a sum or a gather): cast to ``dtype``, then unscale."""
-    return scale_segments(buffer.astype(dtype), sizes, -numpy.asarray(exponents))
+    """Undo :func:`to_float16` (after a sum or a gather): cast to ``dtype``, then unscale
+    (on the GPU: one CUDA kernel)."""
+    xp = backend.get_array_module(buffer)
+    unscale = -numpy.asarray(exponents)
+    if _use_cuda_kernels(xp, dtype):
+        from kfac_mn import cuda_kernels
+        return cuda_kernels.scale_segments(buffer, [int(size) for size in sizes],
+                                           _powers(unscale), dtype, dtype)
+    return scale_segments(buffer.astype(dtype), sizes, unscale)

@@ -12,6 +12,9 @@ and, summing over the ``m`` values of a channel (Ioffe & Szegedy 2015, eq. in se
 
 Evaluation uses given statistics (``fixed_batch_normalization``): ``y = x * scale + shift``
 with ``scale = gamma * inv_std`` and ``shift = beta - mean * scale``.
+
+On the GPU the elementwise passes (``x_hat`` and ``y``; ``gx``) are one fused CUDA kernel
+each (:mod:`kfac_mn.cuda_kernels`); the statistics are CuPy reductions.
 """
 from kfac_mn import backend
 from kfac_mn.function_node import FunctionNode
@@ -65,6 +68,14 @@ def _batch_statistics(x3, chunks):
     return mean, m2 / count
 
 
+def _use_cuda_kernels(xp, x):
+    """On the GPU, the elementwise passes of float32/float64 data are one CUDA kernel each."""
+    if xp is backend.numpy:
+        return False
+    from kfac_mn import cuda_kernels
+    return x.dtype in cuda_kernels.KERNEL_DTYPES
+
+
 def _check_inputs(function, x, gamma, beta, *stats):
     check_ndim("x", x, (2, 4), function)
     check_same_dtype(function, x=x, gamma=gamma, beta=beta)
@@ -105,15 +116,19 @@ class BatchNormalization(FunctionNode):
         chunks = batch_chunks(xp, x3.shape[0], x3[0].size)
         mean, var = _batch_statistics(x3, chunks)
         inv_std = 1.0 / xp.sqrt(var + self.eps)
-        x_hat = xp.empty_like(x3)
-        y = xp.empty_like(x3)
-        center, scale, gain, shift = (v[:, None] for v in (mean, inv_std, gamma, beta))
-        for chunk in chunks:  # x_hat = (x - mean) * inv_std, y = gamma * x_hat + beta
-            x_hat_c, y_c = x_hat[chunk], y[chunk]
-            xp.subtract(x3[chunk], center, out=x_hat_c)
-            x_hat_c *= scale
-            xp.multiply(x_hat_c, gain, out=y_c)
-            y_c += shift
+        if _use_cuda_kernels(xp, x3):
+            from kfac_mn import cuda_kernels
+            x_hat, y = cuda_kernels.batch_norm_forward(x3, mean, inv_std, gamma, beta)
+        else:
+            x_hat = xp.empty_like(x3)
+            y = xp.empty_like(x3)
+            center, scale, gain, shift = (v[:, None] for v in (mean, inv_std, gamma, beta))
+            for chunk in chunks:  # x_hat = (x - mean) * inv_std, y = gamma * x_hat + beta
+                x_hat_c, y_c = x_hat[chunk], y[chunk]
+                xp.subtract(x3[chunk], center, out=x_hat_c)
+                x_hat_c *= scale
+                xp.multiply(x_hat_c, gain, out=y_c)
+                y_c += shift
         self.x_hat = x_hat.reshape(x.shape)
         self.inv_std = inv_std
         self._update_running_stats(mean, var, x3.shape[0] * x3.shape[2])
@@ -142,15 +157,20 @@ class BatchNormalization(FunctionNode):
             g_gamma += _channel_dots(gy[chunk], x_hat[chunk])
         grads = {1: g_gamma, 2: g_beta}
         if 0 in indexes:
-            gx = xp.empty_like(gy)
-            slope, offset = (g_gamma / m)[:, None], (g_beta / m)[:, None]
-            scale = (gamma * self.inv_std)[:, None]
-            for chunk in chunks:  # gx = gamma inv_std (gy - (x_hat g_gamma + g_beta) / m)
-                gx_c = gx[chunk]
-                xp.multiply(x_hat[chunk], slope, out=gx_c)
-                gx_c += offset
-                xp.subtract(gy[chunk], gx_c, out=gx_c)
-                gx_c *= scale
+            if _use_cuda_kernels(xp, gy):
+                from kfac_mn import cuda_kernels
+                gx = cuda_kernels.batch_norm_backward(gy, x_hat, g_gamma / m, g_beta / m,
+                                                      gamma * self.inv_std)
+            else:
+                gx = xp.empty_like(gy)
+                slope, offset = (g_gamma / m)[:, None], (g_beta / m)[:, None]
+                scale = (gamma * self.inv_std)[:, None]
+                for chunk in chunks:  # gx = gamma inv_std (gy - (x_hat g_gamma + g_beta) / m)
+                    gx_c = gx[chunk]
+                    xp.multiply(x_hat[chunk], slope, out=gx_c)
+                    gx_c += offset
+                    xp.subtract(gy[chunk], gx_c, out=gx_c)
+                    gx_c *= scale
             grads[0] = gx.reshape(grad_outputs[0].shape)
         return tuple(grads[i] for i in indexes)
 

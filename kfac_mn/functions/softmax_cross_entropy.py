@@ -19,9 +19,12 @@ def _check_targets(x, t):
         if t.shape[0] != x.shape[0]:
             raise ValueError(f"softmax_cross_entropy: {t.shape[0]} labels for "
                              f"{x.shape[0]} examples")
-        if t.size and (int(t.min()) < 0 or int(t.max()) >= x.shape[1]):
-            raise ValueError(f"softmax_cross_entropy: labels must be in [0, {x.shape[1]}), "
-                             f"got values in [{int(t.min())}, {int(t.max())}]")
+        if t.size:
+            xp = backend.get_array_module(t)
+            low, high = (int(v) for v in backend.to_cpu(xp.stack([t.min(), t.max()])))
+            if low < 0 or high >= x.shape[1]:
+                raise ValueError(f"softmax_cross_entropy: labels must be in "
+                                 f"[0, {x.shape[1]}), got values in [{low}, {high}]")
     elif t.ndim == 2:
         if t.shape != x.shape:
             raise ValueError(f"softmax_cross_entropy: soft targets t must have the shape of x "

@@ -71,13 +71,15 @@ class DistributedKFAC(KFAC):
 
     def __init__(self, comm, lr=0.01, momentum=0.9, damping=1e-3, cov_ema_decay=1.0,
                  fisher_type="emp", bn_fisher="diag", inv_dtype=numpy.float32, schedule=None,
-                 seed=0, comm_dtype=numpy.float32, assignment="balanced"):
+                 seed=0, comm_dtype=numpy.float32, assignment="balanced", factor_dtype=None,
+                 stats_batchsize=None):
         if not isinstance(comm, CommunicatorBase):
             raise TypeError("DistributedKFAC: comm must be a communicator from "
                             f"kfac_mn.communicators.create_communicator, got {type(comm).__name__}")
         super().__init__(lr=lr, momentum=momentum, damping=damping, cov_ema_decay=cov_ema_decay,
                          fisher_type=fisher_type, bn_fisher=bn_fisher, inv_dtype=inv_dtype,
-                         schedule=schedule, seed=seed)
+                         schedule=schedule, seed=seed, factor_dtype=factor_dtype,
+                         stats_batchsize=stats_batchsize)
         comm_dtype = numpy.dtype(comm_dtype)
         if comm_dtype not in COMM_DTYPES:
             raise ValueError(f"DistributedKFAC comm_dtype must be float16, float32 or float64, "

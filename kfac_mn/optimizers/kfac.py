@@ -18,9 +18,13 @@ Hyperparameters: ``lr``, ``momentum`` (Chainer's MomentumSGD convention),
 ``damping`` (gamma of PAPER.md, with pi-correction), ``cov_ema_decay`` (r:
 F <- (1 - r) F + r F_new; 1 uses the newest statistics only), ``fisher_type``
 ('emp': true labels; 'mc': labels sampled from the model's prediction),
-``bn_fisher`` ('diag', 'unit', 'full'), ``inv_dtype`` and ``schedule`` (a
-:class:`~kfac_mn.fisher.schedule.StatisticsSchedule`).  Optimizer 'pre' hooks
-(e.g. WeightDecay) see the preconditioned gradients.
+``bn_fisher`` ('diag', 'unit', 'full'), ``inv_dtype``, ``schedule`` (a
+:class:`~kfac_mn.fisher.schedule.StatisticsSchedule`) and ``factor_dtype`` (None:
+the data's dtype; 'float16': the paper's half-precision factor products with
+float32 accumulation, see :mod:`kfac_mn.fisher.factor_products`), ``stats_batchsize``
+(None: the statistics use the whole local batch; k: only its first k examples, a cheaper
+estimate for large batches on slow hardware; per-example gradients still scale by the whole
+batch).  Optimizer 'pre' hooks (e.g. WeightDecay) see the preconditioned gradients.
 
 Gradient and factor accumulation: ``update(lossfun, MicroBatches([args_0, args_1, ...]))``
 runs stage 1 on each micro-batch in turn (see :class:`MicroBatches`).
@@ -33,6 +37,7 @@ import numpy
 from kfac_mn import backend
 from kfac_mn import functions as F
 from kfac_mn.fisher.blocks import BatchNormBlock, ConvolutionBlock, LinearBlock
+from kfac_mn.fisher.factor_products import check_factor_dtype
 from kfac_mn.fisher.hook import KFACHook
 from kfac_mn.fisher.inverse import FallbackCounter
 from kfac_mn.fisher.schedule import StatisticsSchedule
@@ -44,14 +49,14 @@ from kfac_mn.serializers import Deserializer
 from kfac_mn.variable import Variable
 
 
-def build_fisher_blocks(link, bn_fisher="diag"):
+def build_fisher_blocks(link, bn_fisher="diag", factor_dtype=None):
     """One block per linear, convolution and batch-norm link, keyed by path, sorted."""
     blocks = {}
     for path, child in link.namedlinks():
         if isinstance(child, Linear):
-            blocks[path] = LinearBlock(path, child)
+            blocks[path] = LinearBlock(path, child, factor_dtype)
         elif isinstance(child, Convolution2D):
-            blocks[path] = ConvolutionBlock(path, child)
+            blocks[path] = ConvolutionBlock(path, child, factor_dtype)
         elif isinstance(child, BatchNormalization):
             blocks[path] = BatchNormBlock(path, child, bn_fisher)
     return blocks
@@ -82,8 +87,13 @@ class KFAC(MomentumSGD):
 
     def __init__(self, lr=0.01, momentum=0.9, damping=1e-3, cov_ema_decay=1.0,
                  fisher_type="emp", bn_fisher="diag", inv_dtype=numpy.float32, schedule=None,
-                 seed=0):
+                 seed=0, factor_dtype=None, stats_batchsize=None):
         super().__init__(lr=lr, momentum=momentum)
+        if stats_batchsize is not None and (isinstance(stats_batchsize, bool) or
+                                            not isinstance(stats_batchsize, numbers.Integral)
+                                            or stats_batchsize < 1):
+            raise ValueError(f"KFAC stats_batchsize must be a positive integer or None, "
+                             f"got {stats_batchsize!r}")
         if not isinstance(damping, numbers.Real) or not damping >= 0.0:
             raise ValueError(f"KFAC damping must be a number >= 0, got {damping!r}")
         if not isinstance(cov_ema_decay, numbers.Real) or not 0.0 < cov_ema_decay <= 1.0:
@@ -100,6 +110,8 @@ class KFAC(MomentumSGD):
         self.fisher_type = fisher_type
         self.bn_fisher = bn_fisher
         self.inv_dtype = inv_dtype
+        self.factor_dtype = check_factor_dtype(factor_dtype, "KFAC")
+        self.stats_batchsize = stats_batchsize
         self.schedule = schedule if schedule is not None else StatisticsSchedule()
         self.rng = numpy.random.default_rng(seed)
         self.fallbacks = FallbackCounter()
@@ -108,7 +120,9 @@ class KFAC(MomentumSGD):
 
     def setup(self, link):
         super().setup(link)
-        self.fisher_blocks = build_fisher_blocks(link, self.bn_fisher)
+        self.fisher_blocks = build_fisher_blocks(link, self.bn_fisher, self.factor_dtype)
+        for block in self.fisher_blocks.values():
+            block.max_examples = self.stats_batchsize
         return self
 
     # -- the stages ----------------------------------------------------------

@@ -54,7 +54,7 @@ class MomentumSGDRule(UpdateRule):
         """v <- momentum * v - lr * grad; W <- W + v (in place, in the param's dtype)."""
         v = self.state["v"]
         v *= as_param_dtype(self.hyperparam.momentum, param)
-        v -= as_param_dtype(self.hyperparam.lr, param) * param.grad
+        v -= param.grad * as_param_dtype(self.hyperparam.lr, param)
         param.data += v
 
 

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# The one-shot GPU check (issue 7), under 5 minutes on one H100.  Needs CuPy (with NCCL) and
+# mpi4py; torch is optional; nothing is downloaded.  Run from anywhere:
+#
+#     bash scripts/gpu_check.sh            # PYTHON=python3.X to choose the interpreter
+#
+# 1. the GPU-marked tests: tests/test_gpu_*.py and every other test file marked gpu
+#    (the NCCL communicator file is left to step 2);
+# 2. the NCCL communicator tests at world size 1, under `mpiexec -n 1` (a plain process when
+#    there is no mpiexec, or when mpiexec cannot start the job);
+# 3. scripts/bench_gpu.py: ResNet-50 forward+backward at batch 32, 224x224, float32, ours and
+#    the PyTorch twin, their ratio; one K-FAC step (every-step refresh, stale) vs one SGD step;
+#    one DistributedKFAC step over NCCL.
+#
+# Writes gpu_tests.xml, gpu_nccl_tests.xml, gpu_bench.json, gpu_check.log and the summary
+# gpu_check.json into $OUT when it is set, else into docs/.  Exits non-zero when a test fails
+# or is skipped, or when our ResNet-50 forward+backward takes more than twice PyTorch's time.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+DEST="${OUT:-docs}"
+mkdir -p "$DEST"
+PYTHON="${PYTHON:-python3}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export HYDRA_LAUNCHER=fork OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+LOG="$DEST/gpu_check.log"
+: > "$LOG"
+START=$(date +%s)
+
+say() { echo "[gpu_check $(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
+
+say "python: $("$PYTHON" --version 2>&1)"
+"$PYTHON" scripts/bench_gpu.py --describe-device 2>&1 | tee -a "$LOG"
+if ! "$PYTHON" -c "import pytest" 2>/dev/null; then
+    say "pytest is not installed: the test steps cannot run"
+fi
+
+# -- 1. GPU-marked tests ---------------------------------------------------------------------
+mapfile -t MARKED < <(grep -l -e "pytest.mark.gpu" -e "def test_.*(xp" tests/test_*.py \
+                      | grep -v "tests/test_gpu_nccl_communicator.py")
+say "step 1: pytest -m gpu on ${#MARKED[@]} files"
+timeout 170 "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider -o addopts="" -rfEs \
+    --junitxml="$DEST/gpu_tests.xml" "${MARKED[@]}" 2>&1 | tee -a "$LOG" | tail -25
+say "step 1 exit status ${PIPESTATUS[0]}"
+
+# -- 2. NCCL communicator at world size 1 ------------------------------------------------------
+NCCL_TESTS=(-m pytest -q -p no:cacheprovider -o addopts="" -rfEs
+            --junitxml="$DEST/gpu_nccl_tests.xml" tests/test_gpu_nccl_communicator.py)
+MPIEXEC="$(command -v mpiexec || true)"
+rm -f "$DEST/gpu_nccl_tests.xml"
+if [ -n "$MPIEXEC" ]; then
+    say "step 2: $MPIEXEC -n 1 pytest tests/test_gpu_nccl_communicator.py"
+    timeout 60 "$MPIEXEC" -n 1 "$PYTHON" "${NCCL_TESTS[@]}" 2>&1 | tee -a "$LOG" | tail -15
+    say "step 2 exit status ${PIPESTATUS[0]}"
+fi
+if [ ! -s "$DEST/gpu_nccl_tests.xml" ]; then
+    say "step 2: plain process (no mpiexec, or mpiexec could not start the job)"
+    timeout 60 "$PYTHON" "${NCCL_TESTS[@]}" 2>&1 | tee -a "$LOG" | tail -15
+    say "step 2 exit status ${PIPESTATUS[0]}"
+fi
+
+# -- 3. benchmarks (each part in its own process, 70 s at most) -------------------------------
+say "step 3: scripts/bench_gpu.py"
+timeout 300 "$PYTHON" scripts/bench_gpu.py --worker-timeout 70 --json "$DEST/gpu_bench.json" \
+    2>&1 | tee -a "$LOG" | grep -v "^{"
+say "step 3 exit status ${PIPESTATUS[0]}"
+
+# -- summary ---------------------------------------------------------------------------------
+"$PYTHON" scripts/bench_gpu.py --summarize "$DEST" --elapsed "$(( $(date +%s) - START ))" \
+    2>&1 | tee -a "$LOG"
+STATUS=${PIPESTATUS[0]}
+say "done; summary in $DEST/gpu_check.json (exit $STATUS)"
+exit "$STATUS"
