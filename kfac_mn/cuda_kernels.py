@@ -195,9 +195,15 @@ scaled = (Z)((Y)value * factors[low]);
 """
 
 
-def _segment_bounds(sizes):
-    ends = numpy.cumsum(numpy.asarray(sizes, dtype=numpy.int64))
-    return ends - numpy.asarray(sizes, dtype=numpy.int64), ends
+def _segment_bounds(sizes, buffer, what):
+    """(starts, ends) of the consecutive segments, which must cover ``buffer`` exactly."""
+    sizes = numpy.asarray(sizes, dtype=numpy.int64)
+    ends = numpy.cumsum(sizes)
+    covered = int(ends[-1]) if len(ends) else 0
+    if covered != buffer.size:
+        raise ValueError(f"{what}: the segments cover {covered} values, the buffer has "
+                         f"{buffer.size}")
+    return ends - sizes, ends
 
 
 def scale_segments(buffer, sizes, factors, compute_dtype, out_dtype):
@@ -206,10 +212,10 @@ def scale_segments(buffer, sizes, factors, compute_dtype, out_dtype):
     ``factors`` (one per segment, host values) are rounded to ``compute_dtype``.
     """
     cupy = backend.cupy
+    _, ends = _segment_bounds(sizes, buffer, "scale_segments")
     scaled = cupy.empty(buffer.shape, dtype=out_dtype)
     if buffer.size == 0:
         return scaled
-    _, ends = _segment_bounds(sizes)
     kernel = _elementwise(
         "scale_segments", "X value, raw int64 ends, raw Y factors, int32 segments", "Z scaled",
         _SCALE_SEGMENTS, _index_type(buffer.size))
@@ -260,10 +266,10 @@ def segment_max_abs(buffer, sizes):
     gives NaN (as ``xp.abs(part).max()`` does).
     """
     cupy = backend.cupy
+    starts, ends = _segment_bounds(sizes, buffer, "segment_max_abs")
     maxima = cupy.zeros(len(sizes), dtype=buffer.dtype)
     if len(sizes) == 0:
         return maxima
-    starts, ends = _segment_bounds(sizes)
     kernel = _segment_max_abs_kernel(numpy.dtype(buffer.dtype))
     kernel((len(sizes),), (_SEGMENT_BLOCK,),
            (cupy.ascontiguousarray(buffer), cupy.asarray(starts), cupy.asarray(ends), maxima))

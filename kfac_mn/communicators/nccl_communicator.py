@@ -45,12 +45,13 @@ class NcclCommunicator(MpiCommunicator):
         nccl = require_nccl()
         super().__init__(mpi_comm)
         cupy = backend.cupy
-        devices = cupy.cuda.runtime.getDeviceCount()
-        if self.intra_rank >= devices:
-            raise RuntimeError(
-                f"NcclCommunicator: rank {self.rank} is process {self.intra_rank} of its node, "
-                f"which has only {devices} visible CUDA device(s); start at most one process "
-                "per GPU")
+        # every rank learns of a rank without a GPU, so that none waits for it in NCCL
+        layout = self._comm.allgather((self.intra_rank, cupy.cuda.runtime.getDeviceCount()))
+        short = [f"rank {rank} (process {index} of a node with {devices} GPU(s))"
+                 for rank, (index, devices) in enumerate(layout) if index >= devices]
+        if short:
+            raise RuntimeError(f"NcclCommunicator: no CUDA device left for {', '.join(short)}; "
+                               "start at most one process per visible GPU")
         self.device = cupy.cuda.Device(self.intra_rank)
         self.device.use()
         unique_id = nccl.get_unique_id() if self.rank == 0 else None
