@@ -19,7 +19,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 DEST="${OUT:-docs}"
 mkdir -p "$DEST"
-PYTHON="${PYTHON:-python3}"
+# An absolute path: mpiexec may search another PATH and start a Python without our packages.
+WANTED="${PYTHON:-python3}"
+PYTHON="$(command -v "$WANTED")" || { echo "gpu_check: no interpreter '$WANTED'" >&2; exit 2; }
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export HYDRA_LAUNCHER=fork OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 LOG="$DEST/gpu_check.log"
