@@ -1,6 +1,6 @@
 """The paper's claim at small scale: K-FAC vs MomentumSGD at a large batch on the embedded MNIST.
 
-    python scripts/compare_optimizers.py [--batchsize 4096] [--epochs 10] [--out result/compare]
+    python scripts/compare_optimizers.py [--batchsize 4096] [--epochs 20] [--out result/compare]
 
 Both optimizers train the same small ResNet (``resnet_mnist``) from the same
 initial weights, with the same data order, the same schedule family (linear
@@ -34,15 +34,18 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from kfac_mn import backend, no_backprop_mode, using_config  # noqa: E402
 from kfac_mn import functions as F  # noqa: E402
 from kfac_mn import links as L  # noqa: E402
-from kfac_mn import no_backprop_mode, using_config  # noqa: E402
 from kfac_mn.fisher.schedule import StatisticsSchedule  # noqa: E402
+from kfac_mn.fisher.timing import synchronize  # noqa: E402
 from kfac_mn.optimizer_hooks import WeightRescale  # noqa: E402
 from kfac_mn.optimizers import KFAC, MomentumSGD  # noqa: E402
+from kfac_mn.optimizers.kfac import MicroBatches  # noqa: E402
 from kfac_mn.schedules import PolynomialDecay, ScaledWith, ScheduleSet  # noqa: E402
 from models import archs  # noqa: E402
 from utils.mnist import read_mnist_arrays  # noqa: E402
+from utils.training_step import micro_batches  # noqa: E402
 
 TARGETS = (0.98, 0.99)
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -52,6 +55,23 @@ def load_split(split):
     images, labels = read_mnist_arrays(split)
     x = ((images.astype(np.float32) / 255.0 - MNIST_MEAN) / MNIST_STD)[:, None]
     return x, labels.astype(np.int32)
+
+
+def describe_device(device):
+    """``'CPU (n threads)'`` or the GPU's name."""
+    if device == "cpu":
+        return f"CPU ({os.cpu_count()} cores)"
+    cupy = backend.cupy
+    return cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"].decode()
+
+
+def to_device(data, device):
+    """The ``((x, t), (x, t))`` splits as NumPy arrays, or CuPy arrays for ``--device gpu``."""
+    if device == "cpu":
+        return data
+    if not backend.gpu_available():
+        raise SystemExit("--device gpu needs CuPy and a CUDA device")
+    return tuple(tuple(backend.cupy.asarray(a) for a in split) for split in data)
 
 
 @contextlib.contextmanager
@@ -102,11 +122,42 @@ def make_optimizer(name, lr, momentum, args, steps_per_epoch):
     return opt, ScheduleSet(lr=lr_schedule, momentum=ScaledWith(momentum, lr_schedule))
 
 
+def update(opt, lossfun, x, t, micro_batch):
+    """One update on the batch ``(x, t)``; returns its mean loss (a device scalar).
+
+    With ``micro_batch`` (an int) forward and backward run on parts of at most that many
+    examples (gradient accumulation, for batches that do not fit in memory at once): K-FAC
+    takes them as :class:`MicroBatches`, SGD sums the parts' gradients and divides by their
+    number.  Batch normalization then normalizes each part with its own statistics.
+    """
+    k = 1 if not micro_batch else -(-len(x) // micro_batch)
+    if k == 1:
+        return opt.update(lossfun, x, t).data
+    parts = micro_batches(x, t, k)
+    if isinstance(opt, KFAC):
+        return opt.update(lossfun, MicroBatches(parts)).data
+    opt.target.cleargrads()
+    total = 0.0
+    for xb, tb in parts:
+        loss = lossfun(xb, tb)
+        loss.backward()
+        loss.unchain()
+        total = total + loss.data
+    for param in opt.target.params(include_uninit=False):
+        if param.grad is not None:
+            param.grad /= param.grad.dtype.type(k)
+    opt.update()
+    return total / k
+
+
 def train(name, lr, epochs, args, data, log=print):
     """One run; returns the curve [(epoch, train seconds, test accuracy)] and the intervals."""
     (x_train, t_train), (x_test, t_test) = data
     np.random.seed(args.seed)
     model = archs[args.arch](n_class=10, in_channels=1)
+    xp = backend.get_array_module(x_train)
+    if xp is not np:
+        model.to_gpu()
     steps_per_epoch = len(x_train) // args.batchsize
     opt, schedules = make_optimizer(name, lr, args.momentum, args, steps_per_epoch)
     opt.setup(model)
@@ -123,10 +174,11 @@ def train(name, lr, epochs, args, data, log=print):
         for step in range(steps_per_epoch):
             if iteration >= total:
                 break
-            idx = order[step * args.batchsize:(step + 1) * args.batchsize]
+            idx = xp.asarray(order[step * args.batchsize:(step + 1) * args.batchsize])
             start = time.perf_counter()
             schedules.apply(opt, iteration / steps_per_epoch)
-            loss = opt.update(lossfun, x_train[idx], t_train[idx])
+            loss = update(opt, lossfun, x_train[idx], t_train[idx], args.micro_batch)
+            synchronize(loss)  # on the GPU, charge the step for its kernels
             seconds += time.perf_counter() - start
             iteration += 1
             if iteration % args.eval_every == 0 or iteration == total:
@@ -139,9 +191,9 @@ def train(name, lr, epochs, args, data, log=print):
                     values = sorted(opt.intervals().values())
                     extra = f" intervals min/median/max {values[0]}/{values[len(values) // 2]}" \
                             f"/{values[-1]}"
-                log(f"  {name} lr={lr:g} epoch {epoch:5.2f} loss {float(loss.data):.4f} "
+                log(f"  {name} lr={lr:g} epoch {epoch:5.2f} loss {float(loss):.4f} "
                     f"test {acc:.4f} train {seconds:7.1f}s{extra}")
-                if not np.isfinite(float(loss.data)):
+                if not np.isfinite(float(loss)):
                     log(f"  {name} lr={lr:g} diverged")
                     return curve, False
     return curve, True
@@ -181,9 +233,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="resnet_mnist")
     parser.add_argument("--batchsize", type=int, default=4096)
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--tune-epochs", type=float, default=2)
-    parser.add_argument("--sgd-lrs", type=float, nargs=3, default=[0.2, 0.5, 1.0])
+    parser.add_argument("--sgd-lrs", type=float, nargs=3, default=[1.0, 2.0, 4.0])
     parser.add_argument("--kfac-lrs", type=float, nargs=3, default=[0.02, 0.05, 0.1])
     parser.add_argument("--momentum", type=float, default=0.9)
     parser.add_argument("--damping", type=float, default=1e-3)
@@ -200,11 +252,14 @@ def main():
     parser.add_argument("--bn-examples", type=int, default=10000,
                         help="training images that re-estimate the BN statistics before a test")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--micro-batch", type=int, default=None,
+                        help="at most this many examples per forward/backward (accumulation)")
     parser.add_argument("--out", default="result/compare")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
 
-    data = (load_split("train"), load_split("test"))
+    data = to_device((load_split("train"), load_split("test")), args.device)
     results, tuning = {}, {}
     for name, grid in (("sgd", args.sgd_lrs), ("kfac", args.kfac_lrs)):
         trials = []
@@ -218,8 +273,9 @@ def main():
         curve, _ = train(name, best_lr, args.epochs, args, data)
         results[name] = {"lr": best_lr, "curve": curve, "batchsize": args.batchsize}
 
-    print(f"\nMNIST {args.arch}, batch {args.batchsize}, {args.epochs} epochs; lr chosen from "
-          f"3 trials of {args.tune_epochs:g} epochs each")
+    print(f"\nMNIST {args.arch}, batch {args.batchsize}, {args.epochs} epochs on "
+          f"{describe_device(args.device)}; lr chosen from 3 trials of {args.tune_epochs:g} "
+          "epochs each")
     print(f"{'optimizer':10s} {'lr':>6s} " + " ".join(
         f"{'ep@' + str(int(t * 100)) + '%':>8s} {'s@' + str(int(t * 100)) + '%':>8s}"
         for t in TARGETS) + f" {'final acc':>10s} {'train s':>8s}")
@@ -237,7 +293,8 @@ def main():
         print(f"{name:10s} {r['lr']:6g} " + " ".join(cells)
               + f" {row['final_accuracy']:10.4f} {row['train_seconds']:8.1f}")
     sgd, kfac = summary["sgd"], summary["kfac"]
-    figures = {"batchsize": args.batchsize, "epochs": args.epochs, "tuning": tuning,
+    figures = {"device": describe_device(args.device), "batchsize": args.batchsize,
+               "epochs": args.epochs, "tuning": tuning,
                "sgd": sgd, "kfac": kfac}
     if sgd["epochs_to_98"] and kfac["epochs_to_98"]:
         figures["epoch_ratio_98"] = round(kfac["epochs_to_98"] / sgd["epochs_to_98"], 3)

@@ -44,7 +44,7 @@ def parse_args(argv=None):
     parser.add_argument("--reference-batch", type=int, default=4096,
                         help="the batch the lr grids are given for")
     parser.add_argument("--lr-scaling", choices=sorted(LR_SCALINGS), default="sqrt")
-    parser.add_argument("--sgd-lrs", type=float, nargs="+", default=[0.2, 0.5, 1.0])
+    parser.add_argument("--sgd-lrs", type=float, nargs="+", default=[1.0, 2.0, 4.0])
     parser.add_argument("--kfac-lrs", type=float, nargs="+", default=[0.02, 0.05, 0.1])
     parser.add_argument("--momentum", type=float, default=0.9)
     parser.add_argument("--damping", type=float, default=1e-3)
@@ -61,6 +61,11 @@ def parse_args(argv=None):
     parser.add_argument("--train-examples", type=int, default=None)
     parser.add_argument("--test-examples", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--micro-batch", type=int, default=None,
+                        help="at most this many examples per forward/backward: batches above "
+                        "it accumulate gradients (and K-FAC statistics) over parts, each "
+                        "normalized by BN on its own (default: whole batches)")
     parser.add_argument("--out", default="result/small_scale")
     args = parser.parse_args(argv)
     if len(args.epochs) == 1:
@@ -92,14 +97,16 @@ def run_args(args, batchsize, epochs):
         damping=args.damping, warmup=args.warmup, power=args.power, decay_end=epochs,
         stats_batchsize=args.stats_batchsize, stale_warmup=args.stale_warmup,
         stale_threshold=args.stale_threshold, max_interval=args.max_interval,
-        eval_every=max(1, steps // args.evals), bn_examples=args.bn_examples, seed=args.seed)
+        eval_every=max(1, steps // args.evals), bn_examples=args.bn_examples, seed=args.seed,
+        micro_batch=args.micro_batch)
 
 
 def load_data(args):
     (x_train, t_train) = compare_optimizers.load_split("train")
     (x_test, t_test) = compare_optimizers.load_split("test")
     n_train, n_test = args.train_examples or len(x_train), args.test_examples or len(x_test)
-    return (x_train[:n_train], t_train[:n_train]), (x_test[:n_test], t_test[:n_test])
+    data = (x_train[:n_train], t_train[:n_train]), (x_test[:n_test], t_test[:n_test])
+    return compare_optimizers.to_device(data, args.device)
 
 
 def tuned_run(name, grid, run, tune_epochs, data):
@@ -196,12 +203,13 @@ def main(argv=None):
             result = tuned_run(name, grid, run, min(args.tune_epochs, epochs), data)
             results[batchsize][name] = result
             rows.append(summary_row(batchsize, name, result))
+    device = compare_optimizers.describe_device(args.device)
     print(f"\n{args.arch}, {len(data[0][0]):,} training / {len(data[1][0]):,} test examples, "
-          f"one process; lr grids for batch {args.reference_batch} scaled by "
+          f"one process on {device}; lr grids for batch {args.reference_batch} scaled by "
           f"{args.lr_scaling}")
     print_table(rows)
     plot(results, rows, os.path.join(args.out, "small_scale.png"))
-    figures = {"arch": args.arch, "train_examples": len(data[0][0]),
+    figures = {"device": device, "arch": args.arch, "train_examples": len(data[0][0]),
                "test_examples": len(data[1][0]), "lr_scaling": args.lr_scaling,
                "reference_batch": args.reference_batch, "rows": rows}
     with open(os.path.join(args.out, "small_scale.json"), "w") as f:
