@@ -27,11 +27,13 @@ stages of ``DistributedKFAC``, the paper's Figure 1):
   (Cholesky d^3/3 plus the inverse of the triangle 2 d^3/3) at ``inv_flops``, and the
   preconditioning ``2 O^2 K' + 2 O K'^2`` at ``fp32_flops`` (BN: a few passes over 2C values).
 * allgather (stage 4): the AllGatherV of the preconditioned gradients (plus the schedule state).
-  Both stages also pack and unpack their buffer: 3 calls per tensor and 3 passes over the
-  buffer (``packing_seconds``), which is all they cost on one worker.
+  Both stages also pack and unpack their buffer (``packing_seconds``): a cost per gradient
+  tensor and per statistic tensor, a cost per statistic value (upper triangles), and 3 passes
+  over the buffer's bytes; on one worker that is all they cost.
 * update (stage 5): momentum SGD and the weight rescaling, 7 parameter-sized float32 passes.
 
-Collectives, alpha-beta model (``alpha`` s per message, ``bandwidth`` B/s per link) of the ring
+Collectives, alpha-beta model (``alpha`` s per message, ``bandwidth`` B/s per link, plus
+``call_overhead`` s of software per call) of the ring
 algorithm (``kfac_mn.communicators.traffic``): in each of the P-1 steps of a ring
 reduce-scatter or all-gather every rank moves one segment at once, so a step lasts as long as
 the largest segment, ``(P-1)(alpha + max_r s_r / bandwidth)``; with equal segments this is the
@@ -49,12 +51,15 @@ statistics: an average, not the worst step).
 Defaults (``--machine v100-edr``, our assumptions, not the paper's figures): one Tesla V100
 per worker with 50 TFLOP/s effective fp16 tensor-core GEMMs (40% of 125 peak), 12 TFLOP/s
 effective fp32 GEMMs (of 15.7), 5 TFLOP/s for Cholesky-based inversion (cuSOLVER, large
-factors), 750 GB/s effective HBM2 bandwidth (of 900), 10 us per kernel launch, fp16
+factors), 750 GB/s effective HBM2 bandwidth (of 900), 10 us per kernel launch, 5 us of
+software per collective call, 30 us per packed tensor (60 us in float16), fp16
 activations and communication (2 bytes), cuDNN (no im2col); InfiniBand EDR between workers,
 alpha = 2 us and 12.5 GB/s per link, one flat ring.  ``--machine-json`` replaces them with
 another machine's parameters (``--calibrate`` measures this machine's: float32 GEMM and
-inversion rates, memory bandwidth and per-function latency of our autograd in this process,
-alpha and bandwidth by an MPI ping-pong between 2 ranks); explicit flags override both.
+inversion rates, memory bandwidth and per-function latency of our autograd in this process;
+under ``mpiexec -n 2``: alpha and bandwidth by an MPI ping-pong, the overhead of one call of
+our communicator, and the packing costs of stages 2 and 4 timed on two ResNets that the
+check below does not use, see ``packing_parameters``); explicit flags override both.
 
 ``--measured-compute FILE`` takes the compute of stage 1, 3 and 5 from a measured one-process
 run instead (the JSON line of ``scripts/bench_kfac.py`` for the same model): each measured
@@ -72,6 +77,7 @@ under ``--out``, and ends with one JSON line.
 """
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -119,15 +125,26 @@ class Machine:
     mem_bandwidth: float   # bytes/s of elementwise work
     latency: float         # seconds per kernel launch (GPU) or function call (CPU)
     alpha: float           # seconds per message
+    call_overhead: float   # seconds of software per collective call (our communicator)
     bandwidth: float       # bytes/s per link
     act_bytes: int         # bytes per activation value
     comm_bytes: int        # bytes per communicated value
     im2col: bool           # does a convolution materialise its patches
+    # Stages 2 and 4 outside their collectives, besides the passes over the buffer's bytes:
+    # seconds per gradient tensor and per statistic (upper-triangle) tensor (pack, unpack
+    # and, for float16, the per-segment scaling), float32 and float16; and
+    # seconds per value of a statistic packed into an upper triangle and unpacked again.
+    pack_grad: float
+    pack_stat: float
+    half_pack_grad: float
+    half_pack_stat: float
+    pack_value: float
 
 
 V100_EDR = Machine(flops=50e12, fp32_flops=12e12, inv_flops=5e12, mem_bandwidth=750e9,
-                   latency=10e-6, alpha=2e-6, bandwidth=12.5e9, act_bytes=2, comm_bytes=2,
-                   im2col=False)
+                   latency=10e-6, alpha=2e-6, call_overhead=5e-6, bandwidth=12.5e9,
+                   act_bytes=2, comm_bytes=2, im2col=False, pack_grad=30e-6, pack_stat=30e-6,
+                   half_pack_grad=60e-6, half_pack_stat=60e-6, pack_value=1e-11)
 MACHINE_FIELDS = tuple(field.name for field in dataclasses.fields(Machine))
 
 
@@ -297,18 +314,22 @@ def update_seconds(profile, machine):
 
 @dataclasses.dataclass
 class Compute:
-    """Per-worker compute of one iteration at a batch; stage 3 per item (see owner_seconds)."""
+    """Per-worker compute of one iteration at a batch; stage 3 per item (see owner_seconds).
+    SGD's forward+backward and update have their own fields: K-FAC's hook adds to them."""
 
     forward_backward: float
     factors: float
     owner: dict
     update: float
+    sgd_forward_backward: float
+    sgd_update: float
 
 
 def modelled_compute(profile, machine, batch):
-    return Compute(forward_backward_seconds(profile, machine, batch),
-                   sum(factor_seconds(profile, machine, batch).values()),
-                   owner_seconds(profile, machine), update_seconds(profile, machine))
+    forward_backward = forward_backward_seconds(profile, machine, batch)
+    update = update_seconds(profile, machine)
+    return Compute(forward_backward, sum(factor_seconds(profile, machine, batch).values()),
+                   owner_seconds(profile, machine), update, forward_backward, update)
 
 
 def measured_compute(profile, machine, batch, measured):
@@ -319,28 +340,43 @@ def measured_compute(profile, machine, batch, measured):
     precondition = sum(value[1] for value in model_at.owner.values())
     scale_inv = stages["inversion"] / inversion if inversion else 0.0
     scale_pre = stages["precondition"] / precondition if precondition else 0.0
+    sgd = measured["stages"]["sgd"]
     return Compute((stages["forward"] + stages["backward"]) * batch / at,
                    stages["factors"] * batch / at,
                    {name: (inv * scale_inv, pre * scale_pre)
                     for name, (inv, pre) in model_at.owner.items()},
-                   stages["update"])
+                   stages["update"], (sgd["forward"] + sgd["backward"]) * batch / at,
+                   sgd["update"])
 
 
 # -- communication ------------------------------------------------------------------------
 def ring_seconds(segment_bytes, machine):
-    """A ring reduce-scatter or all-gather: P-1 steps, each as long as the largest segment."""
+    """A ring reduce-scatter or all-gather: the call's software overhead, then P-1 steps, each
+    as long as the largest segment."""
     steps = len(segment_bytes) - 1
-    return steps * (machine.alpha + max(segment_bytes) / machine.bandwidth) if steps else 0.0
+    if not steps:
+        return 0.0
+    return machine.call_overhead + steps * (machine.alpha + max(segment_bytes)
+                                            / machine.bandwidth)
 
 
 def allreduce_seconds(nbytes, size, machine):
-    """A ring all-reduce of ``nbytes``: 2(P-1) alpha + 2 (P-1)/P nbytes / bandwidth."""
-    return 2 * (size - 1) * (machine.alpha + nbytes / size / machine.bandwidth)
+    """A ring all-reduce of ``nbytes``: overhead + 2(P-1) alpha + 2 (P-1)/P nbytes / bandwidth."""
+    if size == 1:
+        return 0.0
+    return machine.call_overhead + 2 * (size - 1) * (machine.alpha
+                                                     + nbytes / size / machine.bandwidth)
 
 
-def packing_seconds(segments, nbytes, machine):
-    """Packing a buffer of ``segments`` tensors and unpacking it: 3 calls and 3 passes each."""
-    return 3 * segments * machine.latency + 3 * nbytes / machine.mem_bandwidth
+def packing_seconds(grad_segments, stat_segments, stat_values, nbytes, machine):
+    """Packing a buffer and unpacking it: a fixed cost per tensor (``Machine.pack_*``, float16
+    ones when communicating in float16), the triangles' cost per statistic value and 3 passes
+    over the buffer's bytes."""
+    half = machine.comm_bytes == 2
+    per_grad = machine.half_pack_grad if half else machine.pack_grad
+    per_stat = machine.half_pack_stat if half else machine.pack_stat
+    return (grad_segments * per_grad + stat_segments * per_stat
+            + stat_values * machine.pack_value + 3 * nbytes / machine.mem_bandwidth)
 
 
 @dataclasses.dataclass
@@ -383,6 +419,8 @@ def iteration(profile, compute, machine, size, mode, stale_interval=20, method="
     seconds["update"] = compute.update
     bytes_per_value = machine.comm_bytes
     if mode == "sgd":
+        seconds["forward_backward"] = compute.sgd_forward_backward
+        seconds["update"] = compute.sgd_update
         gradients = sum(item.gradient_size() for item in profile.items)
         seconds["reduce_scatter"] = allreduce_seconds(gradients * bytes_per_value, size,
                                                       machine)
@@ -407,9 +445,10 @@ def iteration(profile, compute, machine, size, mode, stale_interval=20, method="
               for g, s in zip(plan.gradients, plan.statistics)]
     stage4 = [(g + t) * bytes_per_value for g, t in zip(plan.gradients, plan.trailer)]
     seconds["reduce_scatter"] = agreement + ring_seconds(stage2, machine) + packing_seconds(
-        plan.grad_segments + plan.stat_segments * refresh, sum(stage2), machine)
+        plan.grad_segments, plan.stat_segments * refresh, sum(plan.statistics) * refresh,
+        sum(stage2), machine)
     seconds["allgather"] = ring_seconds(stage4, machine) + packing_seconds(
-        plan.grad_segments, sum(stage4), machine)
+        plan.grad_segments, 0, 0, sum(stage4), machine)
     return seconds
 
 
@@ -520,7 +559,8 @@ def measure_compute():
 
 
 def pingpong_worker():
-    """Rank 0 and 1 bounce small and large messages; rank 0 prints alpha and bandwidth."""
+    """Rank 0 and 1 bounce small and large messages, then both time their packing work
+    (``packing_sample``); rank 0 prints alpha, bandwidth and the ranks' packing samples."""
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
@@ -539,8 +579,10 @@ def pingpong_worker():
         results[nbytes] = (time.perf_counter() - start) / (2 * rounds)
     alpha = results[8]
     large = 4 * 2 ** 20
+    samples = comm.gather(packing_sample(), root=0)
     if comm.rank == 0:
-        print(json.dumps({"alpha": alpha, "bandwidth": large / (results[large] - alpha)}))
+        print(json.dumps({"alpha": alpha, "bandwidth": large / (results[large] - alpha),
+                          "packing": samples}))
 
 
 def measure_network():
@@ -554,10 +596,117 @@ def measure_network():
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+#: stage names of DistributedKFAC's step report whose local work the packing costs model
+PACKING_STAGES = ("2_reduce_scatter_statistics", "4_allgather_preconditioned_gradients")
+
+
+def local_stage_seconds(report, stage):
+    """Seconds of a stage of ``DistributedKFAC.last_step_report`` outside its collectives."""
+    entry = report["stages"][stage]
+    return entry["seconds"] - sum(c["seconds"] for c in entry["collectives"].values())
+
+
+#: the two models whose packing work ``--calibrate`` times: ResNets for 32 x 32 inputs, one
+#: narrow and one wide, so that costs per tensor and per value can be told apart; neither is
+#: a model the check against measured runs uses, so that check stays a test of the model
+PACKING_MODELS = {"narrow": (8, 16), "wide": (48, 96)}
+
+
+def packing_sample(steps=6):
+    """This rank's seconds of stages 2 and 4 outside their collectives (pack, unpack, float16
+    scaling), float32 and float16, with the tensor and value counts they moved, for each of
+    ``PACKING_MODELS`` (``DistributedKFAC`` on every rank of the job, batch 8, every layer
+    refreshed, the median of ``steps - 2`` steps); and the seconds of one tiny
+    ``allgather_v`` of our communicator."""
+    from kfac_mn.communicators import create_communicator
+    from kfac_mn.optimizers import DistributedKFAC
+    from models.resnet_small import ResNetSmall
+
+    comm = create_communicator()
+    tiny = np.zeros(8)
+    comm.allgather_v(tiny, [8] * comm.size)
+    start = time.perf_counter()
+    for _ in range(200):
+        comm.allgather_v(tiny, [8] * comm.size)
+    sample = {"tiny_allgather_s": (time.perf_counter() - start) / 200}
+    rng = np.random.default_rng(comm.rank)
+    x = rng.standard_normal((8, 3, 32, 32)).astype(np.float32)
+    t = rng.integers(0, 10, 8).astype(np.int32)
+    for name, channels in PACKING_MODELS.items():
+        for dtype in ("float32", "float16"):
+            np.random.seed(0)
+            model = ResNetSmall(channels, (1, 1), (1, 2), 10, 3, insize=32)
+            optimizer = DistributedKFAC(comm, lr=1e-4, comm_dtype=np.dtype(dtype)).setup(model)
+            lossfun = functools.partial(bench_comm.classification_loss, model)
+            local = {stage: [] for stage in PACKING_STAGES}
+            for step in range(steps):
+                optimizer.update(lossfun, x, t)
+                for stage in PACKING_STAGES:
+                    if step >= 2:
+                        local[stage].append(local_stage_seconds(optimizer.last_step_report,
+                                                                stage))
+            items = optimizer.work_items
+            owners = [0] * len(items)
+            stage2 = packed_layout.reduce_scatter_segments(
+                items, owners, [item.name for item in items if item.block is not None])
+            stage4 = packed_layout.allgather_segments(items, owners)
+            sample[name, dtype] = {
+                "stage2_s": float(np.median(local[PACKING_STAGES[0]])),
+                "stage4_s": float(np.median(local[PACKING_STAGES[1]])),
+                "grads": sum(segment.kind == "grad" for segment in stage4),
+                "stats": sum(segment.kind == "stat" for segment in stage2),
+                "stat_values": sum(s.size for s in stage2 if s.kind == "stat"),
+                "stage2_values": sum(segment.size for segment in stage2),
+                "stage4_values": sum(segment.size for segment in stage4)}
+    return {f"{key[0]}/{key[1]}" if isinstance(key, tuple) else key: value
+            for key, value in sample.items()}
+
+
+def packing_parameters(samples, mem_bandwidth, alpha):
+    """``Machine.pack_*`` and ``call_overhead`` from the ranks' ``packing_sample`` results
+    (their mean).
+
+    The tiny all-gather, less its ring's alpha, is the overhead of one collective call.  Stage
+    4 moves gradient tensors only: its time over the two models, less one call and the byte
+    passes of ``packing_seconds``, fitted by least squares to ``grads * pack_grad``.  Stage 2
+    less two calls, its byte passes and its gradients: ``stats * pack_stat + stat_values *
+    pack_value``, solved on the two models (the counts are every tensor of the model, as
+    ``iteration`` uses them)."""
+    size = len(samples)
+
+    def mean(key, field):
+        return float(np.mean([sample[key][field] for sample in samples]))
+
+    overhead = max(float(np.mean([sample["tiny_allgather_s"] for sample in samples]))
+                   - (size - 1) * alpha, 1e-9)
+    values = {"call_overhead": overhead}
+    per_value = []
+    for prefix, dtype in (("", "float32"), ("half_", "float16")):
+        keys = [f"{name}/{dtype}" for name in PACKING_MODELS]
+        counts = [samples[0][key] for key in keys]
+        stage4 = [mean(key, "stage4_s") - overhead - 12 * c["stage4_values"] / mem_bandwidth
+                  for key, c in zip(keys, counts)]
+        grads = np.array([c["grads"] for c in counts], dtype=float)
+        per_grad = max(float(np.dot(grads, stage4) / np.dot(grads, grads)), 1e-9)
+        stage2 = [mean(key, "stage2_s") - 2 * overhead - 12 * c["stage2_values"] / mem_bandwidth
+                  - per_grad * c["grads"] for key, c in zip(keys, counts)]
+        design = np.array([[c["stats"], c["stat_values"]] for c in counts], dtype=float)
+        per_stat, value = np.linalg.lstsq(design, np.array(stage2), rcond=None)[0]
+        values[prefix + "pack_grad"] = per_grad
+        values[prefix + "pack_stat"] = max(float(per_stat), 1e-9)
+        per_value.append(max(float(value), 1e-12))
+    values["pack_value"] = float(np.mean(per_value))
+    return values
+
+
 def calibrate(path):
     threads = os.environ.get("OPENBLAS_NUM_THREADS", "unset")
-    values = {**measure_compute(), **measure_network(), "act_bytes": 4, "comm_bytes": 4,
-              "im2col": True,
+    compute = measure_compute()
+    network = measure_network()
+    packing = packing_parameters(network.pop("packing"), compute["mem_bandwidth"],
+                                 network["alpha"])
+    values = {**compute, **network, **packing,
+              "act_bytes": 4, "comm_bytes": 4, "im2col": True,
               "note": f"measured by scripts/scale_model.py --calibrate on {os.uname().nodename}"
                       f" ({os.cpu_count()} cores, OPENBLAS_NUM_THREADS={threads}); float32 "
                       "activations and communication, im2col convolutions"}

@@ -4,6 +4,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -29,17 +30,52 @@ def mnist():
 
 
 def test_ring_time_is_paid_at_the_largest_segment():
+    call = MACHINE.call_overhead
     assert scale_model.ring_seconds([400], MACHINE) == 0.0
     equal = scale_model.ring_seconds([250] * 4, MACHINE)
-    assert equal == pytest.approx(3 * 1e-6 + 3 / 4 * 1000 / 1e9)  # (P-1) a + (P-1)/P B / bw
+    # one call's overhead, then (P-1) a + (P-1)/P B / bw
+    assert equal == pytest.approx(call + 3 * 1e-6 + 3 / 4 * 1000 / 1e9)
     assert scale_model.ring_seconds([100, 700, 100, 100], MACHINE) == pytest.approx(
-        3 * (1e-6 + 700 / 1e9))
+        call + 3 * (1e-6 + 700 / 1e9))
 
 
 def test_allreduce_time_is_the_textbook_ring():
     assert scale_model.allreduce_seconds(1000, 1, MACHINE) == 0.0
     assert scale_model.allreduce_seconds(1000, 4, MACHINE) == pytest.approx(
-        2 * 3 * 1e-6 + 2 * 3 / 4 * 1000 / 1e9)
+        MACHINE.call_overhead + 2 * 3 * 1e-6 + 2 * 3 / 4 * 1000 / 1e9)
+
+
+def test_packing_costs_per_tensor_value_and_byte():
+    full, half = (dataclasses.replace(MACHINE, comm_bytes=n) for n in (4, 2))
+    assert scale_model.packing_seconds(3, 2, 100, 4000, full) == pytest.approx(
+        3 * MACHINE.pack_grad + 2 * MACHINE.pack_stat + 100 * MACHINE.pack_value
+        + 3 * 4000 / MACHINE.mem_bandwidth)
+    assert scale_model.packing_seconds(3, 2, 0, 0, half) == pytest.approx(
+        3 * MACHINE.half_pack_grad + 2 * MACHINE.half_pack_stat)
+
+
+def test_packing_parameters_recover_the_costs_they_were_built_from():
+    """Synthetic samples made with known costs: the fit returns them."""
+    bandwidth, alpha, call = 1e10, 2e-6, 30e-6
+    truth = {"float32": (20e-6, 50e-6), "float16": (60e-6, 90e-6)}  # per grad, per stat
+    per_value = 4e-8
+    sample = {"tiny_allgather_s": call + alpha}
+    for name, (grads, stats, values) in {"narrow": (20, 12, 5_000),
+                                         "wide": (20, 12, 90_000)}.items():
+        for dtype, (per_grad, per_stat) in truth.items():
+            grad_values = 40_000
+            sample[f"{name}/{dtype}"] = {
+                "grads": grads, "stats": stats, "stat_values": values,
+                "stage4_values": grad_values, "stage2_values": grad_values + values,
+                "stage4_s": call + grads * per_grad + 12 * grad_values / bandwidth,
+                "stage2_s": 2 * call + grads * per_grad + stats * per_stat
+                + values * per_value + 12 * (grad_values + values) / bandwidth}
+    fitted = scale_model.packing_parameters([sample, sample], bandwidth, alpha)
+    assert fitted["call_overhead"] == pytest.approx(call)
+    assert fitted["pack_value"] == pytest.approx(per_value)
+    for prefix, dtype in (("", "float32"), ("half_", "float16")):
+        assert fitted[prefix + "pack_grad"] == pytest.approx(truth[dtype][0])
+        assert fitted[prefix + "pack_stat"] == pytest.approx(truth[dtype][1])
 
 
 class TinyNet(Chain):
@@ -98,9 +134,10 @@ def test_iteration_stages(mnist):
     plan = scale_model.layout(mnist, 1, "balanced", half=False, adaptive=False)
     values = sum(plan.gradients) + sum(plan.statistics)
     assert one["reduce_scatter"] == pytest.approx(scale_model.packing_seconds(  # no messages
-        plan.grad_segments + plan.stat_segments, values * MACHINE.comm_bytes, MACHINE))
+        plan.grad_segments, plan.stat_segments, sum(plan.statistics),
+        values * MACHINE.comm_bytes, MACHINE))
     assert one["allgather"] == pytest.approx(scale_model.packing_seconds(
-        plan.grad_segments, sum(plan.gradients) * MACHINE.comm_bytes, MACHINE))
+        plan.grad_segments, 0, 0, sum(plan.gradients) * MACHINE.comm_bytes, MACHINE))
     owner_total = sum(inv + pre for inv, pre in compute.owner.values())
     assert one["owner_work"] == pytest.approx(owner_total)
     many = len(mnist.items) + 5
@@ -167,7 +204,10 @@ def test_compare_bench_comm_takes_the_slowest_rank(mnist):
     measured = {"measured": {"ranks": 2, "batch": 32, "results": {
         "float32": [rank(0.01), rank(0.03)], "float16": [rank(0.02), rank(0.01)]}}}
     args = scale_model.parse_args([])
-    rows = scale_model.comparison_rows(measured, MACHINE, args)
+    # the same per-tensor packing costs for both dtypes: float16 then only halves the bytes
+    same = dataclasses.replace(MACHINE, half_pack_grad=MACHINE.pack_grad,
+                               half_pack_stat=MACHINE.pack_stat)
+    rows = scale_model.comparison_rows(measured, same, args)
     assert len(rows) == 12
     assert {row[3] for row in rows if row[1] == "step"} == {0.1}
     waiting = scale_model.WAITING_STAGES
@@ -233,3 +273,20 @@ def test_command_line_rejects_bad_flags(tmp_path):
     done = subprocess.run([sys.executable, "scripts/scale_model.py", "--ranks", "0"],
                           capture_output=True, text=True, cwd=REPO, timeout=60)
     assert done.returncode == 2 and "--ranks must be >= 1" in done.stderr
+
+
+def test_calibrate_measures_every_machine_field(tmp_path):
+    """--calibrate end to end (compute rates here, ping-pong and packing under mpiexec -n 2):
+    the file it writes is a machine --machine-json accepts, every rate positive."""
+    if shutil.which("mpiexec") is None and not os.path.exists(
+            os.path.join(os.path.dirname(sys.executable), "mpiexec")):
+        pytest.skip("no mpiexec (pip install mpich, or the 'test' extra)")
+    path = tmp_path / "machine.json"
+    done = subprocess.run([sys.executable, "scripts/scale_model.py", "--calibrate", str(path)],
+                          capture_output=True, text=True, cwd=REPO, timeout=300,
+                          env={**os.environ, "OPENBLAS_NUM_THREADS": "1",
+                               "HYDRA_LAUNCHER": "fork"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    machine = scale_model.load_machine(str(path))
+    assert machine.comm_bytes == 4 and machine.im2col is True
+    assert machine.call_overhead > 0 and machine.pack_value > 0
