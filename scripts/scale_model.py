@@ -438,8 +438,12 @@ def iteration(profile, compute, machine, size, mode, stale_interval=20, method="
         total_stats = sum(plan.statistics) * refresh
         total_grads = sum(plan.gradients)
         seconds["reduce_scatter"] = agreement + allreduce_seconds(
-            (total_grads + total_stats) * bytes_per_value, size, machine)
-        seconds["allgather"] = allreduce_seconds(total_grads * bytes_per_value, size, machine)
+            (total_grads + total_stats) * bytes_per_value, size, machine) + packing_seconds(
+            plan.grad_segments, plan.stat_segments * refresh, total_stats,
+            (total_grads + total_stats) * bytes_per_value, machine)
+        seconds["allgather"] = allreduce_seconds(
+            total_grads * bytes_per_value, size, machine) + packing_seconds(
+            plan.grad_segments, 0, 0, total_grads * bytes_per_value, machine)
         return seconds
     stage2 = [(g + s * refresh) * bytes_per_value
               for g, s in zip(plan.gradients, plan.statistics)]
