@@ -1,0 +1,108 @@
+"""scripts/bench_kfac.py, compare_optimizers.py and small_scale_table.py: small runs end to end,
+and the accumulation helper against a whole-batch update."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from kfac_mn import Chain
+from kfac_mn import functions as F
+from kfac_mn import links as L
+from kfac_mn.optimizers import KFAC, MomentumSGD
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "scripts",
+                                                                     name + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_script(*args, timeout=300):
+    done = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=timeout, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return done.stdout, json.loads(done.stdout.strip().splitlines()[-1])
+
+
+class NoBatchNorm(Chain):
+    """A convolution and a linear layer: no layer mixes the examples of a batch, so an update
+    accumulated over micro-batches equals the whole-batch one."""
+
+    def __init__(self):
+        super().__init__()
+        with self.init_scope():
+            self.conv = L.Convolution2D(1, 3, 3, pad=1)
+            self.fc = L.Linear(3 * 6 * 6, 4)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.conv(x)))
+
+
+@pytest.mark.parametrize("optimizer_class", [MomentumSGD, KFAC])
+def test_micro_batched_update_equals_the_whole_batch(optimizer_class):
+    compare = load_script("compare_optimizers")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((12, 1, 6, 6))
+    t = rng.integers(0, 4, 12).astype(np.int32)
+    weights = []
+    for micro_batch in (None, 4, 7):  # the whole batch; three parts of 4; two parts of 6
+        np.random.seed(0)
+        model = NoBatchNorm()
+        for param in model.params():
+            param.data = param.data.astype(np.float64)
+        optimizer = optimizer_class(lr=0.1)
+        optimizer.setup(model)
+
+        def lossfun(a, b, model=model):
+            return F.softmax_cross_entropy(model(a), b)
+
+        losses = [float(compare.update(optimizer, lossfun, x, t, micro_batch))
+                  for _ in range(3)]
+        weights.append(([p.data.copy() for _, p in sorted(model.namedparams())], losses))
+    for other, losses in weights[1:]:
+        for expected, found in zip(weights[0][0], other):
+            np.testing.assert_allclose(found, expected, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(losses, weights[0][1], rtol=1e-10)
+
+
+def test_bench_kfac_measures_one_stale_cycle():
+    out, figures = run_script("scripts/bench_kfac.py", "--arch", "resnet8", "--size", "16",
+                              "--n-class", "10", "--batchsize", "2", "--interval", "3",
+                              "--steps", "1")
+    assert "fixed schedule at interval 3: one refresh + 2 reuse" in out
+    stages = figures["stages"]
+    # every step refreshes in (a); one step in three in the stale cycle
+    assert stages["kfac_every_step"]["inversion"] > 0
+    assert 0 < stages["kfac_stale"]["inversion"] < stages["kfac_every_step"]["inversion"]
+    assert stages["sgd"]["inversion"] == 0.0 and stages["sgd"]["factors"] == 0.0
+    assert figures["stale_ratio"] == pytest.approx(figures["kfac_stale_s"] / figures["sgd_s"],
+                                                   rel=1e-2)
+    assert figures["device"] == "CPU" and figures["adaptive"] is False
+
+
+def test_small_scale_table_runs_every_batch_and_optimizer(tmp_path):
+    pytest.importorskip("zarr")
+    out, figures = run_script(
+        "scripts/small_scale_table.py", "--batchsizes", "256", "512", "--epochs", "2",
+        "--train-examples", "512", "--test-examples", "200", "--bn-examples", "256",
+        "--evals", "2", "--sgd-lrs", "0.5", "--kfac-lrs", "0.02", "--micro-batch", "300",
+        "--out", str(tmp_path))
+    rows = figures["rows"]
+    assert [(row["batchsize"], row["optimizer"]) for row in rows] == [
+        (256, "sgd"), (256, "kfac"), (512, "sgd"), (512, "kfac")]
+    assert all(0.0 <= row["final_accuracy"] <= 1.0 and row["train_seconds"] > 0
+               for row in rows)
+    assert rows[0]["lr"] == pytest.approx(0.5 * (256 / 4096) ** 0.5)  # sqrt scaling
+    assert figures["device"].startswith("CPU")
+    assert (tmp_path / "small_scale.png").stat().st_size > 0
+    saved = json.loads((tmp_path / "small_scale.json").read_text())
+    assert saved["rows"] == rows
+    assert "one process on CPU" in out
