@@ -11,6 +11,8 @@ setup(
     packages=find_packages(include=["kfac_mn", "kfac_mn.*"]),
     install_requires=[
         "numpy>=1.22",
+        # LAPACK's Cholesky inverse (potrf + potri) for K-FAC's factors on the CPU
+        "scipy>=1.8",
         "mpi4py>=3.1",
         "pillow>=9.1",
         # crop + resize of training images (several times faster than Pillow's resampling)

@@ -209,3 +209,34 @@ def test_stats_batchsize_uses_the_first_examples_with_full_batch_scaling():
                                rtol=1e-10)
     with pytest.raises(ValueError, match="stats_batchsize"):
         KFAC(stats_batchsize=0)
+
+
+@pytest.mark.parametrize("dtype, rtol", [(np.float64, 1e-10), (np.float32, 2e-4)])
+def test_damped_inverse_equals_the_dense_inverse_and_leaves_the_factor_alone(dtype, rtol):
+    from kfac_mn.fisher.inverse import FallbackCounter, damped_inverse
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((40, 30))
+    factor = (x.T @ x / 40).astype(dtype)
+    before = factor.copy()
+    counter = FallbackCounter()
+    inverse = damped_inverse(factor, 1e-2, dtype, "/test", counter)
+    expected = np.linalg.inv(factor.astype(np.float64) + 1e-2 * np.eye(30))
+    assert inverse.dtype == dtype and inverse.flags.c_contiguous
+    np.testing.assert_allclose(inverse, expected, rtol=rtol, atol=rtol * np.abs(expected).max())
+    np.testing.assert_array_equal(inverse, inverse.T)  # exactly symmetric
+    np.testing.assert_array_equal(factor, before)
+    assert not counter
+
+
+def test_damped_inverse_of_a_singular_factor_falls_back_to_more_damping():
+    from kfac_mn.fisher.inverse import FallbackCounter, InversionError, damped_inverse
+
+    singular = np.diag([1.0, 0.0, 2.0]).astype(np.float32)  # PSD, rank 2, no damping
+    counter = FallbackCounter()
+    inverse = damped_inverse(singular, 0.0, np.float32, "/singular", counter)
+    assert counter["float64"] == 1 and counter["more_damping"] == 1
+    assert inverse.dtype == np.float32 and np.isfinite(inverse).all()
+    np.testing.assert_allclose(np.diag(inverse)[[0, 2]], [1.0, 0.5], rtol=1e-4)
+    with pytest.raises(InversionError, match="/indefinite"):  # not PSD: no damping helps
+        damped_inverse(np.diag([1.0, -1.0]), 0.0, np.float32, "/indefinite", FallbackCounter())
