@@ -15,8 +15,8 @@
     changing statistics of a run past its first few hundred iterations, until every interval
     is M, then one cycle of M steps.
 
-Prints a per-stage table (forward, backward, factors, inversion, precondition, update), then
-one JSON line with the figures and the ratios to SGD.  ``--device gpu`` runs on CuPy.
+Prints a per-stage table (forward, backward, factors, running factors, inversion, precondition,
+update), then one JSON line with the figures and the ratios to SGD.  ``--device gpu`` runs on CuPy.
 """
 import argparse
 import json
@@ -35,7 +35,10 @@ from kfac_mn.fisher.timing import StageTimer, synchronize  # noqa: E402
 from kfac_mn.optimizers import KFAC, MomentumSGD  # noqa: E402
 from models import archs  # noqa: E402
 
-STAGES = ("forward", "backward", "factors", "inversion", "precondition", "update")
+#: KFAC's timer stages: "factors" computes this step's statistics (in forward and backward),
+#: "running_factors" folds them into the running factors, both only for refreshed layers
+STAGES = ("forward", "backward", "factors", "running_factors", "inversion", "precondition",
+          "update")
 
 
 def sgd_step(model, optimizer, x, t, timer):
@@ -163,12 +166,13 @@ def main():
     print(f"{args.arch} batch {args.batchsize} {args.size}x{args.size}, one process on {device}, "
           f"seconds per iteration; stale (b) = mean over one cycle of {args.interval} steps "
           f"({how})")
-    header = " ".join(f"{s:>12s}" for s in STAGES)
+    widths = [max(12, len(s)) for s in STAGES]
+    header = " ".join(f"{s:>{w}s}" for s, w in zip(STAGES, widths))
     print(f"{'':18s} {'total':>8s} {header} {'x SGD':>7s}")
     base = results["sgd"]["seconds"]
     for name, r in results.items():
         print(f"{name:18s} {r['seconds']:8.3f} "
-              + " ".join(f"{r['stages'][s]:12.3f}" for s in STAGES)
+              + " ".join(f"{r['stages'][s]:{w}.3f}" for s, w in zip(STAGES, widths))
               + f" {r['seconds'] / base:7.2f}")
     print(json.dumps({
         "arch": args.arch, "batchsize": args.batchsize, "size": args.size,

@@ -23,7 +23,8 @@ stages of ``DistributedKFAC``, the paper's Figure 1):
   upper triangles of the due statistics, grouped by owner).  SGD: a ring all-reduce of the
   gradients.
 * owner_work (stage 3): on the most loaded rank of the actual assignment
-  (``kfac_mn.fisher.assignment``, greedy by default): inversion ``d^3`` flops per d x d factor
+  (``kfac_mn.fisher.assignment``, greedy by default): folding the new statistics into the
+  running factors (3 passes over each factor), inversion ``d^3`` flops per d x d factor
   (Cholesky d^3/3 plus the inverse of the triangle 2 d^3/3) at ``inv_flops``, and the
   preconditioning ``2 O^2 K' + 2 O K'^2`` at ``fp32_flops`` (BN: a few passes over 2C values).
 * allgather (stage 4): the AllGatherV of the preconditioned gradients (plus the schedule state).
@@ -63,9 +64,9 @@ check below does not use, see ``packing_parameters``); explicit flags override b
 
 ``--measured-compute FILE`` takes the compute of stage 1, 3 and 5 from a measured one-process
 run instead (the JSON line of ``scripts/bench_kfac.py`` for the same model): each measured
-stage (forward + backward, factors, inversion, precondition, update) rescales the modelled
-per-layer costs of that stage, forward/backward/factors linearly in the batch, so stage 3 is
-still split over owners as the assignment splits it.
+stage (forward + backward, factors, running factors, inversion, precondition, update)
+rescales the modelled per-layer costs of that stage, forward/backward/factors linearly in the
+batch, so stage 3 is still split over owners as the assignment splits it.
 
 ``--compare-measured FILE ...`` prints the model next to measured runs of the same model: the
 JSON line of ``scripts/bench_kfac.py`` (P = 1) or of ``scripts/bench_comm.py`` (its measured
@@ -306,6 +307,18 @@ def owner_seconds(profile, machine):
     return costs
 
 
+def running_factor_seconds(profile, machine):
+    """{item: seconds to fold new statistics into its running factors} (stage 3, refreshed
+    layers only): a few passes over each factor, float32."""
+    costs = {}
+    for item in profile.items:
+        values = sum(math.prod(shape) for shape in item.statistic_shapes().values()) \
+            if item.block is not None else 0
+        costs[item.name] = (3 * 4 * values / machine.mem_bandwidth + machine.latency
+                            if values else 0.0)
+    return costs
+
+
 def update_seconds(profile, machine):
     """Seconds of momentum SGD and weight rescaling on every parameter (stage 5)."""
     return (UPDATE_PASSES * 4 * profile.parameters / machine.mem_bandwidth
@@ -328,23 +341,30 @@ class Compute:
 def modelled_compute(profile, machine, batch):
     forward_backward = forward_backward_seconds(profile, machine, batch)
     update = update_seconds(profile, machine)
+    running = running_factor_seconds(profile, machine)
+    owner = {name: (inversion + running[name], precondition)
+             for name, (inversion, precondition) in owner_seconds(profile, machine).items()}
     return Compute(forward_backward, sum(factor_seconds(profile, machine, batch).values()),
-                   owner_seconds(profile, machine), update, forward_backward, update)
+                   owner, update, forward_backward, update)
 
 
 def measured_compute(profile, machine, batch, measured):
     """The modelled compute rescaled stage by stage to a bench_kfac.py run (``measured``)."""
     stages, at = measured["stages"]["kfac_every_step"], measured["batchsize"]
-    model_at = modelled_compute(profile, machine, at)
-    inversion = sum(value[0] for value in model_at.owner.values())
-    precondition = sum(value[1] for value in model_at.owner.values())
-    scale_inv = stages["inversion"] / inversion if inversion else 0.0
-    scale_pre = stages["precondition"] / precondition if precondition else 0.0
+    owner, running = owner_seconds(profile, machine), running_factor_seconds(profile, machine)
+
+    def scale(measured_seconds, modelled):
+        total = sum(modelled)
+        return measured_seconds / total if total else 0.0
+
+    scale_inv = scale(stages["inversion"], [value[0] for value in owner.values()])
+    scale_pre = scale(stages["precondition"], [value[1] for value in owner.values()])
+    scale_run = scale(stages.get("running_factors", 0.0), running.values())
     sgd = measured["stages"]["sgd"]
     return Compute((stages["forward"] + stages["backward"]) * batch / at,
                    stages["factors"] * batch / at,
-                   {name: (inv * scale_inv, pre * scale_pre)
-                    for name, (inv, pre) in model_at.owner.items()},
+                   {name: (inv * scale_inv + running[name] * scale_run, pre * scale_pre)
+                    for name, (inv, pre) in owner.items()},
                    stages["update"], (sgd["forward"] + sgd["backward"]) * batch / at,
                    sgd["update"])
 
@@ -488,7 +508,7 @@ def print_table(rows, profile, machine, args):
     print("machine: " + ", ".join(f"{k}={v:g}" if not isinstance(v, bool) else f"{k}={v}"
                                   for k, v in dataclasses.asdict(machine).items()))
     print("milliseconds per iteration (stages: fwd+bwd, factors, reduce-scatter (SGD: "
-          "all-reduce), owner inversion+precondition, all-gather, update)")
+          "all-reduce), owner running factors+inversion+precondition, all-gather, update)")
     short = ("fwd+bwd", "factors", "RS", "owner", "AG", "update")
     print(f"{'P':>5} {'SGD':>8} | {'K-FAC':>8} " + " ".join(f"{s:>8}" for s in short)
           + f" | {'stale':>8} " + " ".join(f"{s:>8}" for s in ("RS", "owner", "AG")))
@@ -616,7 +636,7 @@ def local_stage_seconds(report, stage):
 PACKING_MODELS = {"narrow": (8, 16), "wide": (48, 96)}
 
 
-def packing_sample(steps=6):
+def packing_sample(steps=12):
     """This rank's seconds of stages 2 and 4 outside their collectives (pack, unpack, float16
     scaling), float32 and float16, with the tensor and value counts they moved, for each of
     ``PACKING_MODELS`` (``DistributedKFAC`` on every rank of the job, batch 8, every layer
@@ -741,7 +761,7 @@ KFAC_STAGE_MAP = {"1_compute_local_statistics": ("forward_backward", "factors"),
 WAITING_STAGES = ("2_reduce_scatter_statistics", "4_allgather_preconditioned_gradients")
 #: bench_kfac.py's stages (one process) as sums of the model's stages
 BENCH_KFAC_MAP = {"forward+backward": ("forward_backward",), "factors": ("factors",),
-                  "inversion+precondition": ("owner_work",), "update": ("update",)}
+                  "running+inversion+precondition": ("owner_work",), "update": ("update",)}
 
 
 def comparison_rows(measured, machine, args, measured_compute_json=None):
@@ -756,10 +776,11 @@ def comparison_rows(measured, machine, args, measured_compute_json=None):
             stages = measured["stages"][key]
             found = {"forward+backward": stages["forward"] + stages["backward"],
                      "factors": stages["factors"],
-                     "inversion+precondition": stages["inversion"] + stages["precondition"],
+                     "running+inversion+precondition": stages.get("running_factors", 0.0)
+                     + stages["inversion"] + stages["precondition"],
                      "update": stages["update"]}
             for name, parts in BENCH_KFAC_MAP.items():
-                if mode == "sgd" and name in ("factors", "inversion+precondition"):
+                if mode == "sgd" and name != "forward+backward" and name != "update":
                     continue
                 rows.append((f"{measured['arch']} P=1 {mode} b={measured['batchsize']}", name,
                              sum(model[p] for p in parts), found[name]))

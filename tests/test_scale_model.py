@@ -290,3 +290,14 @@ def test_calibrate_measures_every_machine_field(tmp_path):
     machine = scale_model.load_machine(str(path))
     assert machine.comm_bytes == 4 and machine.im2col is True
     assert machine.call_overhead > 0 and machine.pack_value > 0
+
+
+def test_measured_running_factors_go_to_the_owners(tmp_path, mnist):
+    measured = bench_kfac_json(tmp_path / "kfac.json")
+    measured["stages"]["kfac_every_step"]["running_factors"] = 0.003
+    compute = scale_model.measured_compute(mnist, MACHINE, 16, measured)
+    assert compute.factors == pytest.approx(0.005)  # this step's statistics only
+    assert sum(inv for inv, _ in compute.owner.values()) == pytest.approx(0.004 + 0.003)
+    one, two = (scale_model.iteration(mnist, compute, MACHINE, size, "kfac_every_step")
+                for size in (1, 2))
+    assert two["owner_work"] < one["owner_work"] == pytest.approx(0.004 + 0.003 + 0.001)

@@ -199,7 +199,7 @@ class KFAC(MomentumSGD):
             refresh = self.schedule.factors_due(path, self.t) and block.has_statistics()
             invert = self.schedule.inverse_due(path, self.t)
             if refresh:
-                with self.timer("factors"):
+                with self.timer("running_factors"):
                     change = block.update_factors(block.averaged_statistics(),
                                                   self.hyperparam.cov_ema_decay)
                 self.schedule.report_change(path, self.t, change)
