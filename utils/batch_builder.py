@@ -10,6 +10,10 @@ from utils.image_decoding import CorruptImageError
 from utils.seeding import batch_rng, example_rng
 
 
+class BatchCancelled(Exception):
+    """Raised by ``BatchBuilder.build`` when its ``cancelled()`` turns true mid-batch."""
+
+
 def allocate_float32(shape):
     return numpy.empty(shape, dtype=numpy.float32)
 
@@ -63,14 +67,19 @@ class BatchBuilder:
             self._transformed(0, example_rng(self.seed, 0, 0, 0))
         return self._example_shape
 
-    def build(self, epoch, iteration, indices, repeats, allocate=allocate_float32):
+    def build(self, epoch, iteration, indices, repeats, allocate=allocate_float32,
+              cancelled=None):
         """Return ``(x, targets, skipped)`` for the examples ``indices`` read for the
         ``repeats``-th time this epoch. ``x`` lives in the float32 array ``allocate(shape)``;
-        ``skipped`` lists ``(index, message)`` of corrupt images left out."""
+        ``skipped`` lists ``(index, message)`` of corrupt images left out. ``cancelled()``,
+        when given, is asked before each example; true raises ``BatchCancelled`` (a loader
+        shutting down does not wait for a batch nobody will read)."""
         x, labels, skipped = None, [], []
         if self._example_shape is not None:
             x = allocate((len(indices),) + self._example_shape)
         for index, repeat in zip(indices.tolist(), repeats.tolist()):
+            if cancelled is not None and cancelled():
+                raise BatchCancelled(f"batch {iteration} of epoch {epoch} cancelled")
             rng = example_rng(self.seed, epoch, index, repeat)
             try:
                 if x is None:

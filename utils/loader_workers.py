@@ -13,12 +13,13 @@ and what the caller still holds. The main process keeps at most ``prefetch`` tas
 flight per worker.
 
 Shutdown. ``close()`` sets a stop event, sends ``None``, joins, and terminates what does
-not exit. Workers are daemonic, ignore SIGINT (the main process owns shutdown), and exit
-on their own when their parent disappears; a worker unlinks all its segments when it
-exits (arrays the caller still holds stay valid: their mapping outlives the name). A
-``multiprocessing.util.Finalize`` with an exit priority runs ``close()`` at interpreter
-exit before multiprocessing reaps daemonic children, so nothing hangs and no shared memory
-leaks.
+not exit. A worker checks the event before each example, so it abandons a batch in progress
+instead of finishing it. Workers are daemonic, ignore SIGINT (the main process owns
+shutdown), and exit on their own when their parent disappears; a worker unlinks all its
+segments when it exits (arrays the caller still holds stay valid: their mapping outlives the
+name). A ``multiprocessing.util.Finalize`` with an exit priority runs ``close()`` at
+interpreter exit before multiprocessing reaps daemonic children, so nothing hangs and no
+shared memory leaks.
 """
 import gc
 import math
@@ -34,6 +35,7 @@ from multiprocessing.util import Finalize
 import cv2
 import numpy
 
+from utils.batch_builder import BatchCancelled
 from utils.error_notes import add_note
 
 _POLL_SECONDS = 0.2
@@ -153,9 +155,12 @@ def _worker_main(connection, builder, prefetch, stop):
             segments.give_back(returned)
             segment_id, buffer = segments.take()
             try:
-                x, targets, skipped = builder.build(*task, allocate=buffer.array)
+                x, targets, skipped = builder.build(*task, allocate=buffer.array,
+                                                    cancelled=stop.is_set)
                 reply = ("batch", segment_id, buffer.name, x.shape, targets, skipped)
                 del x
+            except BatchCancelled:  # close() was called: nobody reads this batch
+                return
             except Exception as error:
                 segments.give_back([segment_id])
                 reply = ("error", _picklable(error), traceback.format_exc())
