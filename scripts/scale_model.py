@@ -28,9 +28,9 @@ stages of ``DistributedKFAC``, the paper's Figure 1):
   (Cholesky d^3/3 plus the inverse of the triangle 2 d^3/3) at ``inv_flops``, and the
   preconditioning ``2 O^2 K' + 2 O K'^2`` at ``fp32_flops`` (BN: a few passes over 2C values).
 * allgather (stage 4): the AllGatherV of the preconditioned gradients (plus the schedule state).
-  Both stages also pack and unpack their buffer (``packing_seconds``): a cost per gradient
-  tensor and per statistic tensor, a cost per statistic value (upper triangles), and 3 passes
-  over the buffer's bytes; on one worker that is all they cost.
+  Both stages also pack and unpack their buffer (``packing_seconds``): a cost per tensor and
+  per value, gradients and statistics (upper triangles) apart; on one worker that is all they
+  cost.
 * update (stage 5): momentum SGD and the weight rescaling, 7 parameter-sized float32 passes.
 
 Collectives, alpha-beta model (``alpha`` s per message, ``bandwidth`` B/s per link, plus
@@ -53,7 +53,8 @@ Defaults (``--machine v100-edr``, our assumptions, not the paper's figures): one
 per worker with 50 TFLOP/s effective fp16 tensor-core GEMMs (40% of 125 peak), 12 TFLOP/s
 effective fp32 GEMMs (of 15.7), 5 TFLOP/s for Cholesky-based inversion (cuSOLVER, large
 factors), 750 GB/s effective HBM2 bandwidth (of 900), 10 us per kernel launch, 5 us of
-software per collective call, 30 us per packed tensor (60 us in float16), fp16
+software per collective call, 30 us per packed tensor (60 us in float16) and 3 passes over
+the bytes of each packed value, fp16
 activations and communication (2 bytes), cuDNN (no im2col); InfiniBand EDR between workers,
 alpha = 2 us and 12.5 GB/s per link, one flat ring.  ``--machine-json`` replaces them with
 another machine's parameters (``--calibrate`` measures this machine's: float32 GEMM and
@@ -131,21 +132,25 @@ class Machine:
     act_bytes: int         # bytes per activation value
     comm_bytes: int        # bytes per communicated value
     im2col: bool           # does a convolution materialise its patches
-    # Stages 2 and 4 outside their collectives, besides the passes over the buffer's bytes:
-    # seconds per gradient tensor and per statistic (upper-triangle) tensor (pack, unpack
-    # and, for float16, the per-segment scaling), float32 and float16; and
-    # seconds per value of a statistic packed into an upper triangle and unpacked again.
+    # Stages 2 and 4 outside their collectives (pack, unpack and, for float16, the scaling
+    # and casts): seconds per gradient tensor, per gradient value, per statistic tensor and
+    # per statistic value (upper triangles); float32 and, ``half_``, float16 communication.
     pack_grad: float
+    pack_grad_value: float
     pack_stat: float
+    pack_stat_value: float
     half_pack_grad: float
+    half_pack_grad_value: float
     half_pack_stat: float
-    pack_value: float
+    half_pack_stat_value: float
 
 
 V100_EDR = Machine(flops=50e12, fp32_flops=12e12, inv_flops=5e12, mem_bandwidth=750e9,
                    latency=10e-6, alpha=2e-6, call_overhead=5e-6, bandwidth=12.5e9,
-                   act_bytes=2, comm_bytes=2, im2col=False, pack_grad=30e-6, pack_stat=30e-6,
-                   half_pack_grad=60e-6, half_pack_stat=60e-6, pack_value=1e-11)
+                   act_bytes=2, comm_bytes=2, im2col=False, pack_grad=30e-6,
+                   pack_grad_value=1.6e-11, pack_stat=30e-6, pack_stat_value=3.2e-11,
+                   half_pack_grad=60e-6, half_pack_grad_value=1.6e-11, half_pack_stat=60e-6,
+                   half_pack_stat_value=3.2e-11)
 MACHINE_FIELDS = tuple(field.name for field in dataclasses.fields(Machine))
 
 
@@ -388,15 +393,16 @@ def allreduce_seconds(nbytes, size, machine):
                                                      + nbytes / size / machine.bandwidth)
 
 
-def packing_seconds(grad_segments, stat_segments, stat_values, nbytes, machine):
-    """Packing a buffer and unpacking it: a fixed cost per tensor (``Machine.pack_*``, float16
-    ones when communicating in float16), the triangles' cost per statistic value and 3 passes
-    over the buffer's bytes."""
-    half = machine.comm_bytes == 2
-    per_grad = machine.half_pack_grad if half else machine.pack_grad
-    per_stat = machine.half_pack_stat if half else machine.pack_stat
-    return (grad_segments * per_grad + stat_segments * per_stat
-            + stat_values * machine.pack_value + 3 * nbytes / machine.mem_bandwidth)
+def packing_seconds(grad_segments, grad_values, stat_segments, stat_values, machine):
+    """Packing a buffer and unpacking it: a cost per tensor and per value, gradients and
+    statistics apart (``Machine.pack_*``; the ``half_`` ones when communicating in float16)."""
+    prefix = "half_" if machine.comm_bytes == 2 else ""
+
+    def cost(name):
+        return getattr(machine, prefix + name)
+
+    return (grad_segments * cost("pack_grad") + grad_values * cost("pack_grad_value")
+            + stat_segments * cost("pack_stat") + stat_values * cost("pack_stat_value"))
 
 
 @dataclasses.dataclass
@@ -459,20 +465,19 @@ def iteration(profile, compute, machine, size, mode, stale_interval=20, method="
         total_grads = sum(plan.gradients)
         seconds["reduce_scatter"] = agreement + allreduce_seconds(
             (total_grads + total_stats) * bytes_per_value, size, machine) + packing_seconds(
-            plan.grad_segments, plan.stat_segments * refresh, total_stats,
-            (total_grads + total_stats) * bytes_per_value, machine)
+            plan.grad_segments, total_grads, plan.stat_segments * refresh, total_stats, machine)
         seconds["allgather"] = allreduce_seconds(
             total_grads * bytes_per_value, size, machine) + packing_seconds(
-            plan.grad_segments, 0, 0, total_grads * bytes_per_value, machine)
+            plan.grad_segments, total_grads, 0, 0, machine)
         return seconds
     stage2 = [(g + s * refresh) * bytes_per_value
               for g, s in zip(plan.gradients, plan.statistics)]
     stage4 = [(g + t) * bytes_per_value for g, t in zip(plan.gradients, plan.trailer)]
     seconds["reduce_scatter"] = agreement + ring_seconds(stage2, machine) + packing_seconds(
-        plan.grad_segments, plan.stat_segments * refresh, sum(plan.statistics) * refresh,
-        sum(stage2), machine)
+        plan.grad_segments, sum(plan.gradients), plan.stat_segments * refresh,
+        sum(plan.statistics) * refresh, machine)
     seconds["allgather"] = ring_seconds(stage4, machine) + packing_seconds(
-        plan.grad_segments, 0, 0, sum(stage4), machine)
+        plan.grad_segments, sum(plan.gradients), 0, 0, machine)
     return seconds
 
 
@@ -636,7 +641,7 @@ def local_stage_seconds(report, stage):
 PACKING_MODELS = {"narrow": (8, 16), "wide": (48, 96)}
 
 
-def packing_sample(steps=12):
+def packing_sample(steps=30):
     """This rank's seconds of stages 2 and 4 outside their collectives (pack, unpack, float16
     scaling), float32 and float16, with the tensor and value counts they moved, for each of
     ``PACKING_MODELS`` (``DistributedKFAC`` on every rank of the job, batch 8, every layer
@@ -656,70 +661,74 @@ def packing_sample(steps=12):
     rng = np.random.default_rng(comm.rank)
     x = rng.standard_normal((8, 3, 32, 32)).astype(np.float32)
     t = rng.integers(0, 10, 8).astype(np.int32)
+    runs = {}
     for name, channels in PACKING_MODELS.items():
         for dtype in ("float32", "float16"):
             np.random.seed(0)
             model = ResNetSmall(channels, (1, 1), (1, 2), 10, 3, insize=32)
             optimizer = DistributedKFAC(comm, lr=1e-4, comm_dtype=np.dtype(dtype)).setup(model)
-            lossfun = functools.partial(bench_comm.classification_loss, model)
-            local = {stage: [] for stage in PACKING_STAGES}
-            for step in range(steps):
-                optimizer.update(lossfun, x, t)
-                for stage in PACKING_STAGES:
-                    if step >= 2:
-                        local[stage].append(local_stage_seconds(optimizer.last_step_report,
-                                                                stage))
-            items = optimizer.work_items
-            owners = [0] * len(items)
-            stage2 = packed_layout.reduce_scatter_segments(
-                items, owners, [item.name for item in items if item.block is not None])
-            stage4 = packed_layout.allgather_segments(items, owners)
-            sample[name, dtype] = {
-                "stage2_s": float(np.median(local[PACKING_STAGES[0]])),
-                "stage4_s": float(np.median(local[PACKING_STAGES[1]])),
-                "grads": sum(segment.kind == "grad" for segment in stage4),
-                "stats": sum(segment.kind == "stat" for segment in stage2),
-                "stat_values": sum(s.size for s in stage2 if s.kind == "stat"),
-                "stage2_values": sum(segment.size for segment in stage2),
-                "stage4_values": sum(segment.size for segment in stage4)}
+            runs[name, dtype] = (optimizer, functools.partial(bench_comm.classification_loss,
+                                                              model))
+    local = {key: {stage: [] for stage in PACKING_STAGES} for key in runs}
+    for step in range(steps):  # the runs take turns, so a slow moment hits all of them
+        for key, (optimizer, lossfun) in runs.items():
+            optimizer.update(lossfun, x, t)
+            for stage in PACKING_STAGES:
+                if step >= 2:
+                    local[key][stage].append(local_stage_seconds(optimizer.last_step_report,
+                                                                 stage))
+    for key, (optimizer, _) in runs.items():
+        items = optimizer.work_items
+        owners = [0] * len(items)
+        stage2 = packed_layout.reduce_scatter_segments(
+            items, owners, [item.name for item in items if item.block is not None])
+        stage4 = packed_layout.allgather_segments(items, owners)
+        sample[key] = {
+            "stage2_s": float(np.median(local[key][PACKING_STAGES[0]])),
+            "stage4_s": float(np.median(local[key][PACKING_STAGES[1]])),
+            "grads": sum(segment.kind == "grad" for segment in stage4),
+            "stats": sum(segment.kind == "stat" for segment in stage2),
+            "stat_values": sum(s.size for s in stage2 if s.kind == "stat"),
+            "stage4_values": sum(segment.size for segment in stage4)}
     return {f"{key[0]}/{key[1]}" if isinstance(key, tuple) else key: value
             for key, value in sample.items()}
 
 
-def packing_parameters(samples, mem_bandwidth, alpha):
+def packing_parameters(samples, alpha):
     """``Machine.pack_*`` and ``call_overhead`` from the ranks' ``packing_sample`` results
     (their mean).
 
     The tiny all-gather, less its ring's alpha, is the overhead of one collective call.  Stage
-    4 moves gradient tensors only: its time over the two models, less one call and the byte
-    passes of ``packing_seconds``, fitted by least squares to ``grads * pack_grad``.  Stage 2
-    less two calls, its byte passes and its gradients: ``stats * pack_stat + stat_values *
-    pack_value``, solved on the two models (the counts are every tensor of the model, as
+    4 moves gradient tensors only: its time less one call is ``grads * pack_grad +
+    grad_values * pack_grad_value``, solved on the two models (same tensors, different
+    sizes).  Stage 2 less two calls and its gradients: ``stats * pack_stat + stat_values *
+    pack_stat_value``, solved the same way (the counts are every tensor of the model, as
     ``iteration`` uses them)."""
     size = len(samples)
 
     def mean(key, field):
         return float(np.mean([sample[key][field] for sample in samples]))
 
+    def solve(rows, times):
+        return [max(float(v), 1e-12)
+                for v in np.linalg.lstsq(np.array(rows, dtype=float), np.array(times),
+                                         rcond=None)[0]]
+
     overhead = max(float(np.mean([sample["tiny_allgather_s"] for sample in samples]))
                    - (size - 1) * alpha, 1e-9)
     values = {"call_overhead": overhead}
-    per_value = []
     for prefix, dtype in (("", "float32"), ("half_", "float16")):
         keys = [f"{name}/{dtype}" for name in PACKING_MODELS]
         counts = [samples[0][key] for key in keys]
-        stage4 = [mean(key, "stage4_s") - overhead - 12 * c["stage4_values"] / mem_bandwidth
-                  for key, c in zip(keys, counts)]
-        grads = np.array([c["grads"] for c in counts], dtype=float)
-        per_grad = max(float(np.dot(grads, stage4) / np.dot(grads, grads)), 1e-9)
-        stage2 = [mean(key, "stage2_s") - 2 * overhead - 12 * c["stage2_values"] / mem_bandwidth
-                  - per_grad * c["grads"] for key, c in zip(keys, counts)]
-        design = np.array([[c["stats"], c["stat_values"]] for c in counts], dtype=float)
-        per_stat, value = np.linalg.lstsq(design, np.array(stage2), rcond=None)[0]
-        values[prefix + "pack_grad"] = per_grad
-        values[prefix + "pack_stat"] = max(float(per_stat), 1e-9)
-        per_value.append(max(float(value), 1e-12))
-    values["pack_value"] = float(np.mean(per_value))
+        per_grad, per_grad_value = solve(
+            [[c["grads"], c["stage4_values"]] for c in counts],
+            [mean(key, "stage4_s") - overhead for key in keys])
+        per_stat, per_stat_value = solve(
+            [[c["stats"], c["stat_values"]] for c in counts],
+            [mean(key, "stage2_s") - 2 * overhead - per_grad * c["grads"]
+             - per_grad_value * c["stage4_values"] for key, c in zip(keys, counts)])
+        values.update({prefix + "pack_grad": per_grad, prefix + "pack_grad_value": per_grad_value,
+                       prefix + "pack_stat": per_stat, prefix + "pack_stat_value": per_stat_value})
     return values
 
 
@@ -727,8 +736,7 @@ def calibrate(path):
     threads = os.environ.get("OPENBLAS_NUM_THREADS", "unset")
     compute = measure_compute()
     network = measure_network()
-    packing = packing_parameters(network.pop("packing"), compute["mem_bandwidth"],
-                                 network["alpha"])
+    packing = packing_parameters(network.pop("packing"), network["alpha"])
     values = {**compute, **network, **packing,
               "act_bytes": 4, "comm_bytes": 4, "im2col": True,
               "note": f"measured by scripts/scale_model.py --calibrate on {os.uname().nodename}"

@@ -45,37 +45,38 @@ def test_allreduce_time_is_the_textbook_ring():
         MACHINE.call_overhead + 2 * 3 * 1e-6 + 2 * 3 / 4 * 1000 / 1e9)
 
 
-def test_packing_costs_per_tensor_value_and_byte():
+def test_packing_costs_per_tensor_and_value():
     full, half = (dataclasses.replace(MACHINE, comm_bytes=n) for n in (4, 2))
-    assert scale_model.packing_seconds(3, 2, 100, 4000, full) == pytest.approx(
-        3 * MACHINE.pack_grad + 2 * MACHINE.pack_stat + 100 * MACHINE.pack_value
-        + 3 * 4000 / MACHINE.mem_bandwidth)
-    assert scale_model.packing_seconds(3, 2, 0, 0, half) == pytest.approx(
-        3 * MACHINE.half_pack_grad + 2 * MACHINE.half_pack_stat)
+    assert scale_model.packing_seconds(3, 1000, 2, 100, full) == pytest.approx(
+        3 * MACHINE.pack_grad + 1000 * MACHINE.pack_grad_value + 2 * MACHINE.pack_stat
+        + 100 * MACHINE.pack_stat_value)
+    assert scale_model.packing_seconds(3, 1000, 2, 100, half) == pytest.approx(
+        3 * MACHINE.half_pack_grad + 1000 * MACHINE.half_pack_grad_value
+        + 2 * MACHINE.half_pack_stat + 100 * MACHINE.half_pack_stat_value)
 
 
 def test_packing_parameters_recover_the_costs_they_were_built_from():
-    """Synthetic samples made with known costs: the fit returns them."""
-    bandwidth, alpha, call = 1e10, 2e-6, 30e-6
-    truth = {"float32": (20e-6, 50e-6), "float16": (60e-6, 90e-6)}  # per grad, per stat
-    per_value = 4e-8
+    """Synthetic samples of two models with the same tensors but other sizes, made with known
+    costs: the fit returns them."""
+    alpha, call = 2e-6, 30e-6
+    truth = {"float32": (20e-6, 4e-9, 50e-6, 6e-8), "float16": (60e-6, 9e-9, 90e-6, 8e-8)}
     sample = {"tiny_allgather_s": call + alpha}
-    for name, (grads, stats, values) in {"narrow": (20, 12, 5_000),
-                                         "wide": (20, 12, 90_000)}.items():
-        for dtype, (per_grad, per_stat) in truth.items():
-            grad_values = 40_000
+    for name, (grad_values, stat_values) in {"narrow": (5_000, 3_000),
+                                             "wide": (180_000, 90_000)}.items():
+        for dtype, (per_grad, per_grad_value, per_stat, per_stat_value) in truth.items():
+            grads, stats = 20, 12
+            grad_work = grads * per_grad + grad_values * per_grad_value
             sample[f"{name}/{dtype}"] = {
-                "grads": grads, "stats": stats, "stat_values": values,
-                "stage4_values": grad_values, "stage2_values": grad_values + values,
-                "stage4_s": call + grads * per_grad + 12 * grad_values / bandwidth,
-                "stage2_s": 2 * call + grads * per_grad + stats * per_stat
-                + values * per_value + 12 * (grad_values + values) / bandwidth}
-    fitted = scale_model.packing_parameters([sample, sample], bandwidth, alpha)
+                "grads": grads, "stats": stats, "stat_values": stat_values,
+                "stage4_values": grad_values, "stage4_s": call + grad_work,
+                "stage2_s": 2 * call + grad_work + stats * per_stat
+                + stat_values * per_stat_value}
+    fitted = scale_model.packing_parameters([sample, sample], alpha)
     assert fitted["call_overhead"] == pytest.approx(call)
-    assert fitted["pack_value"] == pytest.approx(per_value)
     for prefix, dtype in (("", "float32"), ("half_", "float16")):
-        assert fitted[prefix + "pack_grad"] == pytest.approx(truth[dtype][0])
-        assert fitted[prefix + "pack_stat"] == pytest.approx(truth[dtype][1])
+        found = [fitted[prefix + name] for name in ("pack_grad", "pack_grad_value",
+                                                    "pack_stat", "pack_stat_value")]
+        assert found == pytest.approx(list(truth[dtype]))
 
 
 class TinyNet(Chain):
@@ -132,12 +133,11 @@ def test_iteration_stages(mnist):
     compute = scale_model.modelled_compute(mnist, MACHINE, 32)
     one = scale_model.iteration(mnist, compute, MACHINE, 1, "kfac_every_step")
     plan = scale_model.layout(mnist, 1, "balanced", half=False, adaptive=False)
-    values = sum(plan.gradients) + sum(plan.statistics)
     assert one["reduce_scatter"] == pytest.approx(scale_model.packing_seconds(  # no messages
-        plan.grad_segments, plan.stat_segments, sum(plan.statistics),
-        values * MACHINE.comm_bytes, MACHINE))
+        plan.grad_segments, sum(plan.gradients), plan.stat_segments, sum(plan.statistics),
+        MACHINE))
     assert one["allgather"] == pytest.approx(scale_model.packing_seconds(
-        plan.grad_segments, 0, 0, sum(plan.gradients) * MACHINE.comm_bytes, MACHINE))
+        plan.grad_segments, sum(plan.gradients), 0, 0, MACHINE))
     owner_total = sum(inv + pre for inv, pre in compute.owner.values())
     assert one["owner_work"] == pytest.approx(owner_total)
     many = len(mnist.items) + 5
@@ -205,8 +205,8 @@ def test_compare_bench_comm_takes_the_slowest_rank(mnist):
         "float32": [rank(0.01), rank(0.03)], "float16": [rank(0.02), rank(0.01)]}}}
     args = scale_model.parse_args([])
     # the same per-tensor packing costs for both dtypes: float16 then only halves the bytes
-    same = dataclasses.replace(MACHINE, half_pack_grad=MACHINE.pack_grad,
-                               half_pack_stat=MACHINE.pack_stat)
+    same = dataclasses.replace(MACHINE, **{"half_" + name: getattr(MACHINE, name) for name in (
+        "pack_grad", "pack_grad_value", "pack_stat", "pack_stat_value")})
     rows = scale_model.comparison_rows(measured, same, args)
     assert len(rows) == 12
     assert {row[3] for row in rows if row[1] == "step"} == {0.1}
@@ -289,7 +289,7 @@ def test_calibrate_measures_every_machine_field(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     machine = scale_model.load_machine(str(path))
     assert machine.comm_bytes == 4 and machine.im2col is True
-    assert machine.call_overhead > 0 and machine.pack_value > 0
+    assert machine.call_overhead > 0 and machine.half_pack_stat_value > 0
 
 
 def test_measured_running_factors_go_to_the_owners(tmp_path, mnist):
