@@ -235,6 +235,7 @@ def draw_diagram(path, views, owned, owners):
     ax.text(0, -0.15, "* = layer owned by this rank (its second-order work is done there)",
             fontsize=8)
     fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
