@@ -229,32 +229,39 @@ def plot(results, path):
     fig.savefig(path, dpi=120)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_training_arguments(parser):
+    """The flags of one training run that this script and ``small_scale_table.py`` share."""
     parser.add_argument("--arch", default="resnet_mnist")
-    parser.add_argument("--batchsize", type=int, default=4096)
-    parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--tune-epochs", type=float, default=2)
-    parser.add_argument("--sgd-lrs", type=float, nargs=3, default=[1.0, 2.0, 4.0])
-    parser.add_argument("--kfac-lrs", type=float, nargs=3, default=[0.02, 0.05, 0.1])
     parser.add_argument("--momentum", type=float, default=0.9)
     parser.add_argument("--damping", type=float, default=1e-3)
     parser.add_argument("--warmup", type=float, default=1.0, help="lr warm-up epochs")
     parser.add_argument("--power", type=float, default=2.0, help="polynomial decay power")
-    parser.add_argument("--decay-end", type=float, default=None,
-                        help="epoch where the lr reaches 0 (default: --epochs)")
     parser.add_argument("--stats-batchsize", type=int, default=512,
                         help="examples of each batch that feed K-FAC's statistics")
     parser.add_argument("--stale-warmup", type=int, default=10)
     parser.add_argument("--stale-threshold", type=float, default=0.1)
     parser.add_argument("--max-interval", type=int, default=8)
-    parser.add_argument("--eval-every", type=int, default=7, help="iterations")
     parser.add_argument("--bn-examples", type=int, default=10000,
                         help="training images that re-estimate the BN statistics before a test")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--micro-batch", type=int, default=None,
-                        help="at most this many examples per forward/backward (accumulation)")
+                        help="at most this many examples per forward/backward: batches above "
+                        "it accumulate gradients (and K-FAC statistics) over parts, each "
+                        "normalized by BN on its own (default: whole batches)")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_training_arguments(parser)
+    parser.add_argument("--batchsize", type=int, default=4096)
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--sgd-lrs", type=float, nargs=3, default=[1.0, 2.0, 4.0])
+    parser.add_argument("--kfac-lrs", type=float, nargs=3, default=[0.02, 0.05, 0.1])
+    parser.add_argument("--decay-end", type=float, default=None,
+                        help="epoch where the lr reaches 0 (default: --epochs)")
+    parser.add_argument("--eval-every", type=int, default=7, help="iterations")
     parser.add_argument("--out", default="result/compare")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)

@@ -36,36 +36,18 @@ LR_SCALINGS = {"none": lambda ratio: 1.0, "sqrt": math.sqrt, "linear": lambda ra
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", default="resnet_mnist")
+    compare_optimizers.add_training_arguments(parser)
     parser.add_argument("--batchsizes", type=int, nargs="+", default=[1024, 4096, 16384, 60000])
     parser.add_argument("--epochs", type=float, nargs="+", default=[5, 10, 20, 50],
                         help="epoch budget per batch size (one value: the same for all)")
-    parser.add_argument("--tune-epochs", type=float, default=2)
     parser.add_argument("--reference-batch", type=int, default=4096,
                         help="the batch the lr grids are given for")
     parser.add_argument("--lr-scaling", choices=sorted(LR_SCALINGS), default="sqrt")
     parser.add_argument("--sgd-lrs", type=float, nargs="+", default=[1.0, 2.0, 4.0])
     parser.add_argument("--kfac-lrs", type=float, nargs="+", default=[0.02, 0.05, 0.1])
-    parser.add_argument("--momentum", type=float, default=0.9)
-    parser.add_argument("--damping", type=float, default=1e-3)
-    parser.add_argument("--warmup", type=float, default=1.0, help="lr warm-up epochs")
-    parser.add_argument("--power", type=float, default=2.0, help="polynomial decay power")
-    parser.add_argument("--stats-batchsize", type=int, default=512,
-                        help="examples of each batch that feed K-FAC's statistics")
-    parser.add_argument("--stale-warmup", type=int, default=10)
-    parser.add_argument("--stale-threshold", type=float, default=0.1)
-    parser.add_argument("--max-interval", type=int, default=8)
     parser.add_argument("--evals", type=int, default=20, help="test evaluations per run")
-    parser.add_argument("--bn-examples", type=int, default=10000,
-                        help="training images that re-estimate the BN statistics before a test")
     parser.add_argument("--train-examples", type=int, default=None)
     parser.add_argument("--test-examples", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
-    parser.add_argument("--micro-batch", type=int, default=None,
-                        help="at most this many examples per forward/backward: batches above "
-                        "it accumulate gradients (and K-FAC statistics) over parts, each "
-                        "normalized by BN on its own (default: whole batches)")
     parser.add_argument("--out", default="result/small_scale")
     args = parser.parse_args(argv)
     if len(args.epochs) == 1:
