@@ -10,9 +10,7 @@ NumPy does with a Python float), so tests/test_gpu_*.py can compare the two.
   element, instead of ``kh * kw`` strided copies or strided adds.
 * :func:`batch_norm_forward` / :func:`batch_norm_backward`
   (:mod:`kfac_mn.functions.batch_normalization`): ``x_hat`` and ``y`` in one pass, ``gx`` in
-  one pass, instead of four passes each; :func:`batch_norm_statistics` and
-  :func:`batch_norm_gradient_sums`: the per-channel sums as reductions over the contiguous
-  axis (no ``einsum`` transposes, no ``x - mean`` temporary).
+  one pass, instead of four passes each.
 * :func:`pack_upper_triangle` / :func:`unpack_upper_triangle`
   (:mod:`kfac_mn.communicators.packing`): a symmetric factor's upper triangle with the scale
   and the cast (e.g. to float16) in one pass, and back to the full matrix with the cast and
@@ -125,37 +123,6 @@ def batch_norm_forward(x3, mean, inv_std, gamma, beta):
         "const T h = (x - mean) * inv_std;\nx_hat = h;\ny = h * gamma + beta;",
         _index_type(x3.size))
     return kernel(x3, mean[:, None], inv_std[:, None], gamma[:, None], beta[:, None])
-
-
-@functools.lru_cache(maxsize=None)
-def _reduction(name, in_params, map_expr):
-    """A cached ReductionKernel summing ``map_expr`` (in the input dtype)."""
-    return backend.cupy.ReductionKernel(in_params, "T y", map_expr, "a + b", "y = a", "0",
-                                        f"kfac_mn_{name}")
-
-
-def _sum_over_batch_and_space(kernel, *inputs):
-    """Per-channel sums of (N, C, S) data in two launches: over S (N * C parallel sums, the
-    contiguous axis), then over N; a single reduction over axes (0, 2) would run only C
-    parallel sums, too few to fill the GPU for the wide early layers."""
-    return kernel(*inputs, axis=2).sum(axis=0)
-
-
-def batch_norm_statistics(x3):
-    """Per-channel mean and biased variance of (N, C, S) data, two-pass (no E[x^2] - E[x]^2
-    cancellation): ``mean = sum(x) / m``, ``var = sum((x - mean)^2) / m``, ``m = N * S``."""
-    m = x3.shape[0] * x3.shape[2]
-    mean = _sum_over_batch_and_space(_reduction("sum", "T x", "x"), x3) / m
-    squares = _reduction("centered_squares", "T x, T mean", "(x - mean) * (x - mean)")
-    var = _sum_over_batch_and_space(squares, x3, mean[:, None]) / m
-    return mean, var
-
-
-def batch_norm_gradient_sums(gy3, x_hat3):
-    """``(g_beta, g_gamma) = (sum(gy), sum(gy * x_hat))`` per channel of (N, C, S) data."""
-    g_beta = _sum_over_batch_and_space(_reduction("sum", "T x", "x"), gy3)
-    g_gamma = _sum_over_batch_and_space(_reduction("dot", "T a, T b", "a * b"), gy3, x_hat3)
-    return g_beta, g_gamma
 
 
 def batch_norm_backward(gy3, x_hat3, slope, offset, scale):

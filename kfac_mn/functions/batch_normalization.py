@@ -14,7 +14,7 @@ Evaluation uses given statistics (``fixed_batch_normalization``): ``y = x * scal
 with ``scale = gamma * inv_std`` and ``shift = beta - mean * scale``.
 
 On the GPU the elementwise passes (``x_hat`` and ``y``; ``gx``) are one fused CUDA kernel
-each and the per-channel sums are reduction kernels (:mod:`kfac_mn.cuda_kernels`).
+each (:mod:`kfac_mn.cuda_kernels`); the statistics are CuPy reductions.
 """
 from kfac_mn import backend
 from kfac_mn.function_node import FunctionNode
@@ -114,14 +114,12 @@ class BatchNormalization(FunctionNode):
         self.retain_inputs((1,))
         x3 = _as_ncs(x)
         chunks = batch_chunks(xp, x3.shape[0], x3[0].size)
+        mean, var = _batch_statistics(x3, chunks)
+        inv_std = 1.0 / xp.sqrt(var + self.eps)
         if _use_cuda_kernels(xp, x3):
             from kfac_mn import cuda_kernels
-            mean, var = cuda_kernels.batch_norm_statistics(x3)
-            inv_std = 1.0 / xp.sqrt(var + self.eps)
             x_hat, y = cuda_kernels.batch_norm_forward(x3, mean, inv_std, gamma, beta)
         else:
-            mean, var = _batch_statistics(x3, chunks)
-            inv_std = 1.0 / xp.sqrt(var + self.eps)
             x_hat = xp.empty_like(x3)
             y = xp.empty_like(x3)
             center, scale, gain, shift = (v[:, None] for v in (mean, inv_std, gamma, beta))
@@ -152,19 +150,15 @@ class BatchNormalization(FunctionNode):
         x_hat = self.x_hat.reshape(gy.shape)
         m = gy.shape[0] * gy.shape[2]
         chunks = batch_chunks(xp, gy.shape[0], gy[0].size)
-        on_gpu = _use_cuda_kernels(xp, gy)
-        if on_gpu:
-            from kfac_mn import cuda_kernels
-            g_beta, g_gamma = cuda_kernels.batch_norm_gradient_sums(gy, x_hat)
-        else:
-            g_beta = xp.zeros_like(gamma)
-            g_gamma = xp.zeros_like(gamma)
-            for chunk in chunks:
-                g_beta += _channel_sums(gy[chunk])
-                g_gamma += _channel_dots(gy[chunk], x_hat[chunk])
+        g_beta = xp.zeros_like(gamma)
+        g_gamma = xp.zeros_like(gamma)
+        for chunk in chunks:
+            g_beta += _channel_sums(gy[chunk])
+            g_gamma += _channel_dots(gy[chunk], x_hat[chunk])
         grads = {1: g_gamma, 2: g_beta}
         if 0 in indexes:
-            if on_gpu:
+            if _use_cuda_kernels(xp, gy):
+                from kfac_mn import cuda_kernels
                 gx = cuda_kernels.batch_norm_backward(gy, x_hat, g_gamma / m, g_beta / m,
                                                       gamma * self.inv_std)
             else:
