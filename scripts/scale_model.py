@@ -53,8 +53,8 @@ Defaults (``--machine v100-edr``, our assumptions, not the paper's figures): one
 per worker with 50 TFLOP/s effective fp16 tensor-core GEMMs (40% of 125 peak), 12 TFLOP/s
 effective fp32 GEMMs (of 15.7), 5 TFLOP/s for Cholesky-based inversion (cuSOLVER, large
 factors), 750 GB/s effective HBM2 bandwidth (of 900), 10 us per kernel launch, 5 us of
-software per collective call, 30 us per packed tensor (60 us in float16) and 3 passes over
-the bytes of each packed value, fp16
+software per collective call, 30 us per packed tensor (60 us in float16), 16 ps per packed
+gradient value and 32 ps per statistic value (3 and 6 passes over float32 bytes), fp16
 activations and communication (2 bytes), cuDNN (no im2col); InfiniBand EDR between workers,
 alpha = 2 us and 12.5 GB/s per link, one flat ring.  ``--machine-json`` replaces them with
 another machine's parameters (``--calibrate`` measures this machine's: float32 GEMM and
@@ -667,8 +667,8 @@ def packing_sample(steps=30):
             np.random.seed(0)
             model = ResNetSmall(channels, (1, 1), (1, 2), 10, 3, insize=32)
             optimizer = DistributedKFAC(comm, lr=1e-4, comm_dtype=np.dtype(dtype)).setup(model)
-            runs[name, dtype] = (optimizer, functools.partial(bench_comm.classification_loss,
-                                                              model))
+            runs[f"{name}/{dtype}"] = (
+                optimizer, functools.partial(bench_comm.classification_loss, model))
     local = {key: {stage: [] for stage in PACKING_STAGES} for key in runs}
     for step in range(steps):  # the runs take turns, so a slow moment hits all of them
         for key, (optimizer, lossfun) in runs.items():
@@ -690,8 +690,7 @@ def packing_sample(steps=30):
             "stats": sum(segment.kind == "stat" for segment in stage2),
             "stat_values": sum(s.size for s in stage2 if s.kind == "stat"),
             "stage4_values": sum(segment.size for segment in stage4)}
-    return {f"{key[0]}/{key[1]}" if isinstance(key, tuple) else key: value
-            for key, value in sample.items()}
+    return sample
 
 
 def packing_parameters(samples, alpha):

@@ -47,27 +47,29 @@ def _lapack_cholesky_inverse(m):
     return upper
 
 
+def _cupy_cholesky_inverse(m):
+    """``m^{-1}`` of a symmetric CuPy matrix as ``L^{-T} L^{-1}``; None when ``m`` is not
+    positive definite."""
+    xp = backend.cupy
+    try:  # CuPy fills NaN instead of raising unless told to raise
+        with backend.cupyx.errstate(linalg="raise"):
+            chol = xp.linalg.cholesky(m)
+    except Exception:  # cupy's LinAlgError
+        return None
+    chol_inv = xp.linalg.inv(chol)
+    return chol_inv.T @ chol_inv
+
+
 def _try_cholesky_inverse(matrix, damping, dtype):
     xp = backend.get_array_module(matrix)
-    if xp is backend.numpy:
-        m = backend.numpy.array(matrix, dtype=dtype, order="F")  # LAPACK's own layout
-    else:
-        m = matrix.astype(dtype, copy=True)
+    on_cpu = xp is backend.numpy
+    # a damped copy (the running factor stays untouched), in LAPACK's layout on the CPU
+    m = backend.numpy.array(matrix, dtype=dtype, order="F") if on_cpu else matrix.astype(
+        dtype, copy=True)
     idx = xp.arange(m.shape[0])
     m[idx, idx] += damping
-    if xp is backend.numpy:
-        inverse = _lapack_cholesky_inverse(m)
-        if inverse is None:
-            return None
-    else:
-        try:  # CuPy fills NaN instead of raising unless told to raise
-            with backend.cupyx.errstate(linalg="raise"):
-                chol = xp.linalg.cholesky(m)
-        except Exception:  # cupy's LinAlgError
-            return None
-        chol_inv = xp.linalg.inv(chol)
-        inverse = chol_inv.T @ chol_inv
-    if not bool(xp.isfinite(inverse).all()):
+    inverse = _lapack_cholesky_inverse(m) if on_cpu else _cupy_cholesky_inverse(m)
+    if inverse is None or not bool(xp.isfinite(inverse).all()):
         return None
     return inverse
 
