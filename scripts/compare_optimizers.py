@@ -45,7 +45,7 @@ from kfac_mn.optimizers.kfac import MicroBatches  # noqa: E402
 from kfac_mn.schedules import PolynomialDecay, ScaledWith, ScheduleSet  # noqa: E402
 from models import archs  # noqa: E402
 from utils.mnist import read_mnist_arrays  # noqa: E402
-from utils.training_step import micro_batches  # noqa: E402
+from utils.training_step import accumulate_gradients, micro_batches  # noqa: E402
 
 TARGETS = (0.98, 0.99)
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -58,7 +58,7 @@ def load_split(split):
 
 
 def describe_device(device):
-    """``'CPU (n threads)'`` or the GPU's name."""
+    """``'CPU (n cores)'`` or the GPU's name."""
     if device == "cpu":
         return f"CPU ({os.cpu_count()} cores)"
     cupy = backend.cupy
@@ -136,16 +136,7 @@ def update(opt, lossfun, x, t, micro_batch):
     parts = micro_batches(x, t, k)
     if isinstance(opt, KFAC):
         return opt.update(lossfun, MicroBatches(parts)).data
-    opt.target.cleargrads()
-    total = 0.0
-    for xb, tb in parts:
-        loss = lossfun(xb, tb)
-        loss.backward()
-        loss.unchain()
-        total = total + loss.data
-    for param in opt.target.params(include_uninit=False):
-        if param.grad is not None:
-            param.grad /= param.grad.dtype.type(k)
+    total = accumulate_gradients(opt.target, lossfun, parts)
     opt.update()
     return total / k
 

@@ -58,6 +58,25 @@ def micro_batches(x, t, k):
     return [(x[start:stop], t[start:stop]) for start, stop in zip(bounds[:-1], bounds[1:])]
 
 
+def accumulate_gradients(link, lossfun, batches):
+    """Back-propagate each micro-batch's mean loss ``lossfun(x, t)`` into ``link``'s cleared
+    gradients and divide their sum by the number of micro-batches, which gives the gradient of
+    the mean loss of one batch made of them all (for equal micro-batches and layers that do not
+    mix examples); returns the sum of the losses' data."""
+    link.cleargrads()
+    total = 0.0
+    for x, t in batches:
+        loss = lossfun(x, t)
+        loss.backward()
+        loss.unchain()
+        total = total + loss.data
+    if len(batches) > 1:
+        for param in link.params(include_uninit=False):
+            if param.grad is not None:
+                param.grad /= param.grad.dtype.type(len(batches))
+    return total
+
+
 class UpdateStep:
     """``step(x, t)`` runs one update of ``optimizer`` on this rank's batch; returns the report.
 
@@ -85,15 +104,7 @@ class UpdateStep:
     def _sgd_update(self, batches, xp):
         report = StepReport(self.comm, xp)
         with report.stage("1_forward_backward"):
-            self.classifier.cleargrads()
-            for x, t in batches:
-                loss = self.classifier(x, t)
-                loss.backward()
-                loss.unchain()
-            if len(batches) > 1:
-                for param in self.classifier.params(include_uninit=False):
-                    if param.grad is not None:
-                        param.grad /= param.grad.dtype.type(len(batches))
+            accumulate_gradients(self.classifier, self.classifier, batches)
         with report.stage("2_allreduce_gradients"):
             self.comm.multi_node_mean_grad(self.classifier)
         with report.stage("3_update"):
