@@ -18,7 +18,10 @@ ratio within a pair, and the same ratio for images per CPU-second (CPU time of e
 process of the run, which other users' load disturbs much less than wall time). A second
 table splits the per-image cost of the training transform into its steps, timed in the
 order the transform runs them on each file so that caches are as cold as in a worker (CPU
-time of one process, best of ``--repeats``). The last line is one JSON object with every figure.
+time of one process, best of ``--repeats``), and times a transform cut short after its
+resize: bare decoding over that cost is the best ratio any pipeline that resizes can reach on
+this machine, before it converts a pixel to float. The last line is one JSON object with
+every figure.
 """
 import argparse
 import json
@@ -144,8 +147,9 @@ def stage_costs(paths, crop, repeats, batch_size):
     """Milliseconds per image of each step of the training transform, in this process, in
     the order the transform runs them on each file (so caches are as cold as in a worker),
     writing into the rows of a few batch-sized arrays; then the whole transform from the
-    file, and bare decoding. CPU time of this process (preemption by other users' processes
-    does not count), best of ``repeats`` passes for each step."""
+    file, the transform cut short after its resize (``decode+resize``) and bare decoding,
+    these three taking turns file by file. CPU time of this process (preemption by other
+    users' processes does not count), best of ``repeats`` passes for each."""
     clock = time.process_time
     normalizer = ChannelNormalizer(IMAGENET_MEAN, IMAGENET_STD)
     transform = TrainTransform(normalizer, size=crop)
@@ -154,9 +158,24 @@ def stage_costs(paths, crop, repeats, batch_size):
     scale, ratio = (0.08, 1.0), (3 / 4, 4 / 3)
     steps = ("example_rng", "open", "crop_box", "decode", "pixel_view", "resize_flip",
              "normalise")
-    best = dict.fromkeys(steps + ("file->example", "bare_decode"), math.inf)
+
+    def transformed(k, path):
+        with open_image(path) as image:
+            transform(image, example_rng(0, 0, k, 0), rows[k % len(rows)])
+
+    def decoded_and_resized(k, path):
+        with open_image(path) as image:
+            left, top, width, height = sample_crop_box(*image.size, scale, ratio,
+                                                       example_rng(0, 0, k, 0))
+            pixels = pixel_view(decode(image))
+            cv2.resize(pixels[top:top + height, left:left + width], (crop, crop))
+
+    whole_file = {"file->example": transformed, "decode+resize": decoded_and_resized,
+                  "bare_decode": lambda k, path: decode_rgb(path)}
+    variants = tuple(whole_file)
+    best = dict.fromkeys(steps + variants, math.inf)
     for _ in range(repeats):
-        totals = dict.fromkeys(steps, 0.0)
+        totals = dict.fromkeys(steps + variants, 0.0)
         for k, path in enumerate(paths):
             times = [clock()]
             rng = example_rng(0, 0, k, 0)
@@ -178,15 +197,14 @@ def stage_costs(paths, crop, repeats, batch_size):
                 times.append(clock())
             for step, start, end in zip(steps, times, times[1:]):
                 totals[step] += end - start
-        start = clock()
         for k, path in enumerate(paths):
-            with open_image(path) as image:
-                transform(image, example_rng(0, 0, k, 0), rows[k % len(rows)])
-        totals["file->example"] = clock() - start
-        start = clock()
-        for path in paths:
-            decode_rgb(path)
-        totals["bare_decode"] = clock() - start
+            # Whole-file variants take turns on each file, so that a change in the
+            # machine's speed during the pass reaches all of them alike.
+            turn = k % len(variants)
+            for name in variants[turn:] + variants[:turn]:
+                start = clock()
+                whole_file[name](k, path)
+                totals[name] += clock() - start
         best = {name: min(best[name], totals[name]) for name in best}
     return {name: 1e3 * seconds / len(paths) for name, seconds in best.items()}
 
@@ -234,7 +252,11 @@ def main(argv=None):
           "ms per image:")
     for name, cost in stages.items():
         print(f"  {name:<17} {cost:6.3f}")
+    ceiling = stages["bare_decode"] / stages["decode+resize"]
+    print(f"ceiling: bare_decode / decode+resize = {ceiling:.2f}, the most a pipeline that "
+          "decodes each file and resizes its crop bilinearly can reach here")
     figures["stage_ms"] = {name: round(cost, 4) for name, cost in stages.items()}
+    figures["ceiling_ratio"] = round(ceiling, 3)
     print(json.dumps(figures))
 
 

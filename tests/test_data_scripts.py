@@ -60,4 +60,6 @@ def test_bench_loader_prints_a_table_then_json_figures():
         assert figures[f"cpu_ratio_{n}"] > 0
     stages = figures["stage_ms"]
     assert all(stages[name] > 0 for name in ("decode", "resize_flip", "normalise",
-                                             "file->example", "bare_decode"))
+                                             "file->example", "decode+resize", "bare_decode"))
+    ceiling = stages["bare_decode"] / stages["decode+resize"]
+    assert abs(figures["ceiling_ratio"] - ceiling) < 2e-3 * ceiling
