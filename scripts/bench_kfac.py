@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kfac_mn import backend  # noqa: E402
 from kfac_mn import functions as F  # noqa: E402
+from kfac_mn.fisher.blocks import KroneckerBlock  # noqa: E402
 from kfac_mn.fisher.schedule import StatisticsSchedule  # noqa: E402
 from kfac_mn.fisher.timing import StageTimer, synchronize  # noqa: E402
 from kfac_mn.optimizers import KFAC, MomentumSGD  # noqa: E402
@@ -74,6 +75,17 @@ def measure(step, count, x, cycle=False):
                 "stages": {s: sum(r[1].get(s, 0.0) for r in records) / count for s in STAGES}}
     seconds, stages = sorted(records, key=lambda r: r[0])[count // 2]
     return {"seconds": seconds, "stages": {s: stages.get(s, 0.0) for s in STAGES}}
+
+
+def precondition_gflop(optimizer):
+    """GFLOP of one step's preconditioning, ``G^{-1} dW A^{-1}`` for every Kronecker block:
+    2 (O^2 K + O K^2) for G (O x O) and A (K x K); the BN blocks' share is negligible."""
+    flop = 0
+    for block in optimizer.fisher_blocks.values():
+        if isinstance(block, KroneckerBlock):
+            out_size, in_size = block.G.shape[0], block.A.shape[0]
+            flop += 2 * (out_size ** 2 * in_size + out_size * in_size ** 2)
+    return flop / 1e9
 
 
 def grow_adaptive(model, optimizer, x, t, warmup_steps, interval):
@@ -174,6 +186,12 @@ def main():
         print(f"{name:18s} {r['seconds']:8.3f} "
               + " ".join(f"{r['stages'][s]:{w}.3f}" for s, w in zip(STAGES, widths))
               + f" {r['seconds'] / base:7.2f}")
+    # (b) preconditions every step, so it can go no lower than SGD plus that stage.
+    precondition_s = results["kfac_stale"]["stages"]["precondition"]
+    gflop = precondition_gflop(stale)
+    floor = (base + precondition_s) / base
+    print(f"floor for (b): (SGD + precondition) / SGD = {floor:.2f}; preconditioning is "
+          f"{gflop:.3g} GFLOP per step, run at {gflop / precondition_s:.3g} GFLOP/s")
     print(json.dumps({
         "arch": args.arch, "batchsize": args.batchsize, "size": args.size,
         "device": device, "interval": args.interval, "adaptive": args.adaptive,
@@ -183,6 +201,7 @@ def main():
         "kfac_stale_s": round(results["kfac_stale"]["seconds"], 4),
         "every_step_ratio": round(results["kfac_every_step"]["seconds"] / base, 3),
         "stale_ratio": round(results["kfac_stale"]["seconds"] / base, 3),
+        "precondition_gflop": round(gflop, 4), "precondition_floor_ratio": round(floor, 3),
         "stages": {name: {s: round(v, 4) for s, v in r["stages"].items()}
                    for name, r in results.items()},
     }))

@@ -13,6 +13,7 @@ from kfac_mn import Chain
 from kfac_mn import functions as F
 from kfac_mn import links as L
 from kfac_mn.optimizers import KFAC, MomentumSGD
+from models import archs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -86,6 +87,16 @@ def test_bench_kfac_measures_one_stale_cycle():
     assert figures["stale_ratio"] == pytest.approx(figures["kfac_stale_s"] / figures["sgd_s"],
                                                    rel=1e-2)
     assert figures["device"] == "CPU" and figures["adaptive"] is False
+    # the floor: 2 (O^2 K + O K^2) per weight matrix (bias as one more input column)
+    flop = 0
+    for _, link in archs["resnet8"](n_class=10).namedlinks():
+        if isinstance(link, (L.Convolution2D, L.Linear)):
+            out_size = link.W.shape[0]
+            in_size = link.W.size // out_size + (getattr(link, "b", None) is not None)
+            flop += 2 * (out_size ** 2 * in_size + out_size * in_size ** 2)
+    assert figures["precondition_gflop"] == pytest.approx(flop / 1e9, rel=1e-3)
+    floor = 1 + stages["kfac_stale"]["precondition"] / figures["sgd_s"]
+    assert figures["precondition_floor_ratio"] == pytest.approx(floor, rel=1e-2)
 
 
 def test_small_scale_table_runs_every_batch_and_optimizer(tmp_path):
