@@ -229,6 +229,7 @@ def test_first_examples_is_a_prefix_of_the_dataset():
     assert len(prefix) == 4 and prefix.get_image(3) == "image 3" and prefix.get_label(3) == 3
     with pytest.raises(IndexError):
         prefix.get_image(4)
+    assert prefix.get_image(-1) == "image 3"  # a sequence's negative index, not the wrapped one's
     with pytest.raises(AttributeError):
         prefix.path  # noqa: B018 - MNIST-like data sets have no file paths
     with pytest.raises(ValueError, match="first 11 examples of a dataset of 10"):

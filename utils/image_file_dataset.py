@@ -1,9 +1,9 @@
 """Base class of the datasets whose examples are image files under a root directory."""
-import operator
 import os
 
 import numpy
 
+from utils.dataset_index import checked_index
 from utils.image_decoding import decode_rgb, image_to_chw, open_image
 
 
@@ -43,10 +43,7 @@ class ImageFileDataset:
         return len(self._labels)
 
     def _index(self, i):
-        i = operator.index(i)
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"index {i} out of range for a dataset of {len(self)} images")
-        return i
+        return checked_index(i, len(self), f"a dataset of {len(self)} images")
 
     def path(self, i):
         """Full path of example ``i``."""

