@@ -80,3 +80,16 @@ def to_gpu(x, device=None):
         return cupy.asarray(x)
     with cupy.cuda.Device(device):
         return cupy.asarray(x)
+
+
+def synchronize(*arrays):
+    """Wait for the work queued on the current CUDA stream; a no-op on the CPU.
+
+    With arrays, wait only when one of them lives on the GPU (cheap on the CPU path); with
+    none, wait whenever a GPU is in use.  The one synchronisation of the library: timers call
+    it at both ends of what they time, so asynchronous kernels are charged where launched.
+    """
+    on_gpu = any(is_gpu_array(a) for a in arrays if a is not None) if arrays else \
+        gpu_available()
+    if on_gpu:
+        cupy.cuda.get_current_stream().synchronize()

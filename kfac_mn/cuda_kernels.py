@@ -1,8 +1,8 @@
 """CUDA kernels for the few operations where one fused pass beats a chain of CuPy calls.
 
-Only the GPU branches of the library import this module (``from kfac_mn import cuda_kernels``
-once a CuPy array is seen), so importing kfac_mn never needs CuPy; CuPy itself is reached
-through :mod:`kfac_mn.backend`.  Every kernel computes what the NumPy code at its call site
+Importing this module needs no CuPy (CuPy itself is reached through :mod:`kfac_mn.backend`
+when a kernel is first compiled); :func:`applies` is the one test, used at every call site,
+of whether a kernel takes the work.  Every kernel computes what the NumPy code at its call site
 computes: same layout, same casts, scalar arguments rounded to the array's dtype first (as
 NumPy does with a Python float), so tests/test_gpu_*.py can compare the two.
 
@@ -32,6 +32,12 @@ import numpy
 from kfac_mn import backend
 
 KERNEL_DTYPES = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
+
+
+def applies(xp, *dtypes):
+    """Do the kernels take this work: CuPy arrays whose dtypes are all one of
+    :data:`KERNEL_DTYPES`?  (Other dtypes, and NumPy, take the generic code.)"""
+    return xp is not numpy and all(numpy.dtype(dtype) in KERNEL_DTYPES for dtype in dtypes)
 
 _INT32_LIMIT = 2 ** 31
 _SEGMENT_BLOCK = 256  # threads per segment in segment_max_abs (a power of two)

@@ -1,9 +1,8 @@
 """Ready-made function hooks."""
 import collections
-import time
 
-from kfac_mn import backend
 from kfac_mn.function_hook import FunctionHook
+from kfac_mn.timing import StageTimer
 
 
 class TimerHook(FunctionHook):
@@ -17,38 +16,37 @@ class TimerHook(FunctionHook):
     name = "TimerHook"
 
     def __init__(self):
-        self.forward_seconds = collections.defaultdict(float)
-        self.backward_seconds = collections.defaultdict(float)
+        self._forward = StageTimer()
+        self._backward = StageTimer()
         self.calls = collections.Counter()
         self._start = None
 
-    @staticmethod
-    def _sync(arrays):
-        for a in arrays:
-            if a is not None and backend.is_gpu_array(a):
-                backend.cupy.cuda.get_current_stream().synchronize()
-                return
+    @property
+    def forward_seconds(self):
+        """{function label: seconds in forward}."""
+        return self._forward.seconds
+
+    @property
+    def backward_seconds(self):
+        """{function label: seconds in backward}."""
+        return self._backward.seconds
 
     def forward_preprocess(self, function, in_data):
-        self._sync(in_data)
-        self._start = time.perf_counter()
+        self._start = self._forward.start()
 
     def forward_postprocess(self, function, in_data):
-        self._sync(in_data)
-        self.forward_seconds[function.label] += time.perf_counter() - self._start
+        self._forward.stop(function.label, self._start)
         self.calls[function.label] += 1
 
     def backward_preprocess(self, function, in_data, out_grad):
-        self._sync(out_grad)
-        self._start = time.perf_counter()
+        self._start = self._backward.start()
 
     def backward_postprocess(self, function, in_data, out_grad):
-        self._sync(out_grad)
-        self.backward_seconds[function.label] += time.perf_counter() - self._start
+        self._backward.stop(function.label, self._start)
 
     def summary(self):
         """Rows (label, calls, forward s, backward s), slowest total first."""
         labels = set(self.forward_seconds) | set(self.backward_seconds)
-        rows = [(label, self.calls[label], self.forward_seconds[label],
-                 self.backward_seconds[label]) for label in labels]
+        rows = [(label, self.calls[label], self.forward_seconds.get(label, 0.0),
+                 self.backward_seconds.get(label, 0.0)) for label in labels]
         return sorted(rows, key=lambda r: -(r[2] + r[3]))

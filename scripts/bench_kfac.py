@@ -30,10 +30,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kfac_mn import backend  # noqa: E402
 from kfac_mn import functions as F  # noqa: E402
+from kfac_mn.backend import synchronize  # noqa: E402
 from kfac_mn.fisher.blocks import KroneckerBlock  # noqa: E402
 from kfac_mn.fisher.schedule import StatisticsSchedule  # noqa: E402
-from kfac_mn.fisher.timing import StageTimer, synchronize  # noqa: E402
 from kfac_mn.optimizers import KFAC, MomentumSGD  # noqa: E402
+from kfac_mn.timing import StageTimer  # noqa: E402
 from models import archs  # noqa: E402
 
 #: KFAC's timer stages: "factors" computes this step's statistics (in forward and backward),

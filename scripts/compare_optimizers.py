@@ -37,8 +37,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from kfac_mn import backend, no_backprop_mode, using_config  # noqa: E402
 from kfac_mn import functions as F  # noqa: E402
 from kfac_mn import links as L  # noqa: E402
+from kfac_mn.backend import synchronize  # noqa: E402
 from kfac_mn.fisher.schedule import StatisticsSchedule  # noqa: E402
-from kfac_mn.fisher.timing import synchronize  # noqa: E402
 from kfac_mn.optimizer_hooks import WeightRescale  # noqa: E402
 from kfac_mn.optimizers import KFAC, MomentumSGD  # noqa: E402
 from kfac_mn.optimizers.kfac import MicroBatches  # noqa: E402

@@ -150,7 +150,7 @@ def run_worker(args):
     t = rng.integers(0, 10, args.batch).astype(np.int32)
     owners = dict(optimizer.owners)
 
-    report = StepReport(comm, np)
+    report = StepReport(comm)
     due = optimizer.due_layers()
     stages = (lambda: optimizer.compute_local_statistics(
                   due, lambda x, t: F.softmax_cross_entropy(model(x), t), x, t),

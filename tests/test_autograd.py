@@ -163,3 +163,15 @@ def test_hook_sees_linear_and_conv_in_both_directions():
     assert lin_in[0] == (2, 4, 5, 5) and lin_gy == [(2, 6)]
     assert conv_in[0] == (2, 3, 5, 5) and conv_gy == [(2, 4, 5, 5)]
     assert kfac_mn.function_hook.active_hooks() == []
+
+
+def test_cuda_kernel_applicability_and_synchronize_on_the_cpu():
+    """One test decides whether a CUDA kernel takes the work; synchronize is a CPU no-op."""
+    from kfac_mn import backend, cuda_kernels
+
+    gpu_like = object()  # any module other than NumPy stands for CuPy here
+    assert not cuda_kernels.applies(np, np.float32)
+    assert cuda_kernels.applies(gpu_like, np.float32, "float64")
+    assert not cuda_kernels.applies(gpu_like, np.float32, np.float16)
+    backend.synchronize(np.zeros(2), None)
+    backend.synchronize()

@@ -102,7 +102,7 @@ class UpdateStep:
         return self._sgd_update(batches, xp)
 
     def _sgd_update(self, batches, xp):
-        report = StepReport(self.comm, xp)
+        report = StepReport(self.comm)
         with report.stage("1_forward_backward"):
             accumulate_gradients(self.classifier, self.classifier, batches)
         with report.stage("2_allreduce_gradients"):

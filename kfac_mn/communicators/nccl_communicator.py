@@ -62,10 +62,6 @@ class NcclCommunicator(MpiCommunicator):
         self._nccl_sum = nccl.NCCL_SUM
 
     # -- helpers ------------------------------------------------------------------
-    @staticmethod
-    def _synchronize():
-        backend.cupy.cuda.get_current_stream().synchronize()
-
     def _nccl_type(self, dtype, operation):
         dtype = numpy.dtype(dtype)
         if dtype not in self._nccl_types:
@@ -84,12 +80,11 @@ class NcclCommunicator(MpiCommunicator):
 
     def _run(self, operation, count, collective, bytes_moved):
         """Run ``collective(stream pointer)`` (skipped for 0 elements) and record it."""
-        stream = backend.cupy.cuda.get_current_stream()
-        stream.synchronize()
+        backend.synchronize()
         start = time.perf_counter()
         if count:
-            collective(stream.ptr)
-            stream.synchronize()
+            collective(backend.cupy.cuda.get_current_stream().ptr)
+            backend.synchronize()
         self._traffic.record(operation, *bytes_moved, time.perf_counter() - start)
 
     def _allreduce_device(self, vector, operation):
@@ -107,7 +102,7 @@ class NcclCommunicator(MpiCommunicator):
     def bcast_data(self, model):
         params = parameter_buffer.ordered_named_params(model, "bcast_data")
         if not params or not backend.is_gpu_array(params[0][1].data):
-            self._synchronize()
+            backend.synchronize()
             return super().bcast_data(model)
         buffer = parameter_buffer.pack_data(params)
         nccl_type = self._nccl_type(buffer.dtype, "bcast_data")
@@ -120,7 +115,7 @@ class NcclCommunicator(MpiCommunicator):
     def multi_node_mean_grad(self, model):
         params = parameter_buffer.ordered_named_params(model, "multi_node_mean_grad")
         if not params or not backend.is_gpu_array(params[0][1].data):
-            self._synchronize()
+            backend.synchronize()
             return super().multi_node_mean_grad(model)
         summed = self._allreduce_device(parameter_buffer.pack_grads(params),
                                         "multi_node_mean_grad")
@@ -130,7 +125,7 @@ class NcclCommunicator(MpiCommunicator):
     # -- array collectives ----------------------------------------------------
     def reduce_scatter_v(self, sendbuf, counts):
         if not backend.is_gpu_array(sendbuf):
-            self._synchronize()
+            backend.synchronize()
             return super().reduce_scatter_v(sendbuf, counts)
         operation = "reduce_scatter_v"
         counts = _checked_counts(counts, self.size, operation)
@@ -159,7 +154,7 @@ class NcclCommunicator(MpiCommunicator):
 
     def allgather_v(self, sendbuf, counts):
         if not backend.is_gpu_array(sendbuf):
-            self._synchronize()
+            backend.synchronize()
             return super().allgather_v(sendbuf, counts)
         operation = "allgather_v"
         counts = _checked_counts(counts, self.size, operation)
@@ -189,24 +184,24 @@ class NcclCommunicator(MpiCommunicator):
 
     def allreduce(self, array):
         if not backend.is_gpu_array(array):
-            self._synchronize()
+            backend.synchronize()
             return super().allreduce(array)
         flat = self._device_vector(array.reshape(-1), "allreduce")
         return self._allreduce_device(flat, "allreduce").reshape(array.shape)
 
     # -- object collectives (MPI) ---------------------------------------------
     def bcast_obj(self, obj, root=0):
-        self._synchronize()
+        backend.synchronize()
         return super().bcast_obj(obj, root)
 
     def allreduce_obj(self, obj):
-        self._synchronize()
+        backend.synchronize()
         return super().allreduce_obj(obj)
 
     def gather_obj(self, obj, root=0):
-        self._synchronize()
+        backend.synchronize()
         return super().gather_obj(obj, root)
 
     def barrier(self):
-        self._synchronize()
+        backend.synchronize()
         super().barrier()

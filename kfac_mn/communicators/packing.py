@@ -20,7 +20,7 @@ import math
 
 import numpy
 
-from kfac_mn import backend
+from kfac_mn import backend, cuda_kernels
 
 FLOAT16_SUM_LIMIT = 2.0 ** 15
 """Bound for the scaled sum: half of float16's range, leaving room for rounding."""
@@ -30,14 +30,6 @@ def _check_square(matrix):
     if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
         raise ValueError(f"pack_upper_triangle: expected a square matrix, got shape "
                          f"{matrix.shape}")
-
-
-def _use_cuda_kernels(xp, *dtypes):
-    """On the GPU, float32/float64 triangles are packed and unpacked by one CUDA kernel."""
-    if xp is backend.numpy:
-        return False
-    from kfac_mn import cuda_kernels
-    return all(dtype in cuda_kernels.KERNEL_DTYPES for dtype in dtypes)
 
 
 def pack_upper_triangle(matrix, scale=1.0, dtype=None):
@@ -52,8 +44,7 @@ def pack_upper_triangle(matrix, scale=1.0, dtype=None):
     xp = backend.get_array_module(matrix)
     dtype = matrix.dtype if dtype is None else numpy.dtype(dtype)
     d = matrix.shape[0]
-    if _use_cuda_kernels(xp, matrix.dtype):
-        from kfac_mn import cuda_kernels
+    if cuda_kernels.applies(xp, matrix.dtype):
         out = xp.empty(d * (d + 1) // 2, dtype=dtype)
         return cuda_kernels.pack_upper_triangle(matrix, scale, out)
     rows, cols = xp.triu_indices(d)
@@ -76,8 +67,7 @@ def unpack_upper_triangle(vector, d, scale=1.0, dtype=None):
                          f"got an array of shape {vector.shape}")
     xp = backend.get_array_module(vector)
     dtype = vector.dtype if dtype is None else numpy.dtype(dtype)
-    if _use_cuda_kernels(xp, dtype):
-        from kfac_mn import cuda_kernels
+    if cuda_kernels.applies(xp, dtype):
         return cuda_kernels.unpack_upper_triangle(vector, d, 1.0 / scale, dtype)
     values = vector.astype(dtype, copy=False)
     if scale != 1.0:

@@ -29,7 +29,7 @@ the inversion, which reports the layer (:mod:`kfac_mn.fisher.inverse`).
 """
 import numpy
 
-from kfac_mn import backend
+from kfac_mn import backend, cuda_kernels
 
 FACTOR_DTYPES = (numpy.dtype(numpy.float16), numpy.dtype(numpy.float32),
                  numpy.dtype(numpy.float64))
@@ -68,7 +68,6 @@ def _scale_exponent(xp, rows):
     if xp is backend.numpy:
         largest = xp.abs(rows).max() if rows.size else rows.dtype.type(0)
     else:
-        from kfac_mn import cuda_kernels
         largest = cuda_kernels.max_abs(rows)
     _, exponent = xp.frexp(largest)  # largest = m 2^exponent, m in [0.5, 1); 0 for 0
     return xp.asarray(TOP_EXPONENT - exponent, dtype=xp.int32)
@@ -86,7 +85,6 @@ def float16_gram(rows):
         scaled = xp.ldexp(rows, k).astype(xp.float16).astype(xp.float32)
         product = scaled.T @ scaled
     else:
-        from kfac_mn import cuda_kernels
         half = cuda_kernels.ldexp_to_float16(xp.ascontiguousarray(rows), k)
         product = cuda_kernels.float16_gram(half)
     return xp.ldexp(product, -2 * k)

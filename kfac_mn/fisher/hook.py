@@ -12,7 +12,7 @@ collected, so stale steps cost no factor computation.
 """
 import time
 
-from kfac_mn.fisher.timing import synchronize
+from kfac_mn.backend import synchronize
 from kfac_mn.function_hook import FunctionHook
 
 _KNOWN_FUNCTIONS = ("LinearFunction", "Convolution2DFunction", "BatchNormalization")

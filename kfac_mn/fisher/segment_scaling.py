@@ -18,18 +18,10 @@ import math
 
 import numpy
 
-from kfac_mn import backend
+from kfac_mn import backend, cuda_kernels
 from kfac_mn.communicators.packing import FLOAT16_SUM_LIMIT, half_scale
 
 MAX_EXPONENT = 100
-
-
-def _use_cuda_kernels(xp, *dtypes):
-    """On the GPU, float32/float64 buffers are scanned and scaled by one CUDA kernel."""
-    if xp is numpy:
-        return False
-    from kfac_mn import cuda_kernels
-    return all(numpy.dtype(dtype) in cuda_kernels.KERNEL_DTYPES for dtype in dtypes)
 
 
 def segment_max_abs(buffer, sizes):
@@ -38,8 +30,7 @@ def segment_max_abs(buffer, sizes):
     Computed on the buffer's device (one CUDA kernel on the GPU) and copied to the host once.
     """
     xp = backend.get_array_module(buffer)
-    if _use_cuda_kernels(xp, buffer.dtype):
-        from kfac_mn import cuda_kernels
+    if cuda_kernels.applies(xp, buffer.dtype):
         maxima = cuda_kernels.segment_max_abs(buffer, [int(size) for size in sizes])
         return backend.to_cpu(maxima).astype(numpy.float64)
     maxima, offset = [], 0
@@ -81,8 +72,7 @@ def scale_segments(buffer, sizes, exponents):
     """``buffer`` with segment i multiplied by ``2^exponents[i]`` (same dtype, new array)."""
     xp = backend.get_array_module(buffer)
     sizes = [int(size) for size in sizes]
-    if _use_cuda_kernels(xp, buffer.dtype):
-        from kfac_mn import cuda_kernels
+    if cuda_kernels.applies(xp, buffer.dtype):
         return cuda_kernels.scale_segments(buffer, sizes, _powers(exponents), buffer.dtype,
                                            buffer.dtype)
     factors = xp.asarray(_powers(exponents), dtype=buffer.dtype)
@@ -92,8 +82,7 @@ def scale_segments(buffer, sizes, exponents):
 def to_float16(buffer, sizes, exponents):
     """Scale each segment and cast to float16 (on the GPU: one CUDA kernel)."""
     xp = backend.get_array_module(buffer)
-    if _use_cuda_kernels(xp, buffer.dtype):
-        from kfac_mn import cuda_kernels
+    if cuda_kernels.applies(xp, buffer.dtype):
         return cuda_kernels.scale_segments(buffer, [int(size) for size in sizes],
                                            _powers(exponents), buffer.dtype, numpy.float16)
     return scale_segments(buffer, sizes, exponents).astype(xp.float16)
@@ -104,8 +93,7 @@ def from_float16(buffer, sizes, exponents, dtype):
     (on the GPU: one CUDA kernel)."""
     xp = backend.get_array_module(buffer)
     unscale = -numpy.asarray(exponents)
-    if _use_cuda_kernels(xp, dtype):
-        from kfac_mn import cuda_kernels
+    if cuda_kernels.applies(xp, dtype):
         return cuda_kernels.scale_segments(buffer, [int(size) for size in sizes],
                                            _powers(unscale), dtype, dtype)
     return scale_segments(buffer.astype(dtype), sizes, unscale)

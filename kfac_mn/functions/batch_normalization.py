@@ -16,7 +16,7 @@ with ``scale = gamma * inv_std`` and ``shift = beta - mean * scale``.
 On the GPU the elementwise passes (``x_hat`` and ``y``; ``gx``) are one fused CUDA kernel
 each (:mod:`kfac_mn.cuda_kernels`); the statistics are CuPy reductions.
 """
-from kfac_mn import backend
+from kfac_mn import backend, cuda_kernels
 from kfac_mn.function_node import FunctionNode
 from kfac_mn.functions.array_checks import check_ndim, check_same_dtype, check_vector
 from kfac_mn.functions.batch_chunks import batch_chunks
@@ -68,14 +68,6 @@ def _batch_statistics(x3, chunks):
     return mean, m2 / count
 
 
-def _use_cuda_kernels(xp, x):
-    """On the GPU, the elementwise passes of float32/float64 data are one CUDA kernel each."""
-    if xp is backend.numpy:
-        return False
-    from kfac_mn import cuda_kernels
-    return x.dtype in cuda_kernels.KERNEL_DTYPES
-
-
 def _check_inputs(function, x, gamma, beta, *stats):
     check_ndim("x", x, (2, 4), function)
     check_same_dtype(function, x=x, gamma=gamma, beta=beta)
@@ -116,8 +108,7 @@ class BatchNormalization(FunctionNode):
         chunks = batch_chunks(xp, x3.shape[0], x3[0].size)
         mean, var = _batch_statistics(x3, chunks)
         inv_std = 1.0 / xp.sqrt(var + self.eps)
-        if _use_cuda_kernels(xp, x3):
-            from kfac_mn import cuda_kernels
+        if cuda_kernels.applies(xp, x3.dtype):
             x_hat, y = cuda_kernels.batch_norm_forward(x3, mean, inv_std, gamma, beta)
         else:
             x_hat = xp.empty_like(x3)
@@ -157,8 +148,7 @@ class BatchNormalization(FunctionNode):
             g_gamma += _channel_dots(gy[chunk], x_hat[chunk])
         grads = {1: g_gamma, 2: g_beta}
         if 0 in indexes:
-            if _use_cuda_kernels(xp, gy):
-                from kfac_mn import cuda_kernels
+            if cuda_kernels.applies(xp, gy.dtype):
                 gx = cuda_kernels.batch_norm_backward(gy, x_hat, g_gamma / m, g_beta / m,
                                                       gamma * self.inv_std)
             else:

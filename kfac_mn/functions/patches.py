@@ -8,7 +8,7 @@ Output sizes use floor division, as PyTorch (``(h + 2 * p - k) // s + 1``).
 On the GPU, im2col and col2im of float32/float64 arrays are one CUDA kernel each
 (:mod:`kfac_mn.cuda_kernels`); the NumPy code below defines what they compute.
 """
-from kfac_mn import backend
+from kfac_mn import backend, cuda_kernels
 
 
 def pair(value, name="value"):
@@ -116,8 +116,7 @@ def im2col(x, ksize, stride, pad, out=None):
     elif out.shape != shape or not out.flags.c_contiguous:
         raise ValueError(f"im2col: out must be a C-contiguous array of shape {shape}, "
                          f"got shape {out.shape}")
-    if _use_cuda_kernels(xp, x, out):
-        from kfac_mn import cuda_kernels
+    if cuda_kernels.applies(xp, x.dtype) and out.dtype == x.dtype:
         return cuda_kernels.im2col(x, (kh, kw), (sy, sx), (ph, pw), out)
     if (sy, sx) == (1, 1) and shape[4:] == (h, w):
         _im2col_same_size(xp.ascontiguousarray(x), ph, pw, out)
@@ -126,15 +125,6 @@ def im2col(x, ksize, stride, pad, out=None):
     else:
         out[...] = window_view(x, (kh, kw), (sy, sx), (ph, pw))
     return out
-
-
-def _use_cuda_kernels(xp, *arrays):
-    """On the GPU, im2col and col2im of float32/float64 arrays are one CUDA kernel each."""
-    if xp is backend.numpy:
-        return False
-    from kfac_mn import cuda_kernels
-    return all(a.dtype in cuda_kernels.KERNEL_DTYPES and a.dtype == arrays[0].dtype
-               for a in arrays)
 
 
 def _im2col_strided(padded, stride, out):
@@ -264,8 +254,7 @@ def col2im(col, stride, pad, h, w, out=None):
     if (kh, kw, oh, ow) == (1, 1, h, w) and stride == (1, 1) and pad == (0, 0):
         out[...] = col.reshape(n, c, h, w)
         return out
-    if _use_cuda_kernels(xp, col, out):
-        from kfac_mn import cuda_kernels
+    if cuda_kernels.applies(xp, col.dtype) and out.dtype == col.dtype:
         return cuda_kernels.col2im(col, stride, pad, out)
     if stride == (1, 1) and (oh, ow) == (h, w):
         _col2im_same_size(xp.ascontiguousarray(col), pad[0], pad[1], out)

@@ -147,7 +147,7 @@ class DistributedKFAC(KFAC):
                             "its backward")
         self._check_setup()
         self.timer.reset()
-        report = StepReport(self.comm, self.target.xp)
+        report = StepReport(self.comm)
         due = self.due_layers()
         with report.stage(STAGES[0]):
             loss = self.compute_local_statistics(due, lossfun, *args, **kwds)

@@ -41,11 +41,11 @@ from kfac_mn.fisher.factor_products import check_factor_dtype
 from kfac_mn.fisher.hook import KFACHook
 from kfac_mn.fisher.inverse import FallbackCounter
 from kfac_mn.fisher.schedule import StatisticsSchedule
-from kfac_mn.fisher.timing import StageTimer
 from kfac_mn.links import BatchNormalization, Convolution2D, Linear
 from kfac_mn.optimizer import HyperparameterProxy
 from kfac_mn.optimizers.momentum_sgd import MomentumSGD
 from kfac_mn.serializers import Deserializer
+from kfac_mn.timing import StageTimer
 from kfac_mn.variable import Variable
 
 

@@ -17,9 +17,8 @@ reset ``comm.stats`` during a step.
                 ...}}
 """
 import contextlib
-import time
 
-from kfac_mn import backend
+from kfac_mn.timing import StageTimer
 
 _TOTAL_KEYS = ("calls", "bytes_sent", "bytes_received", "seconds")
 
@@ -35,28 +34,20 @@ def stats_difference(after, before):
     return difference
 
 
-def synchronize(xp):
-    """Wait for the GPU's queued work (nothing to wait for with NumPy)."""
-    if xp is not backend.numpy:
-        xp.cuda.get_current_stream().synchronize()
-
-
 class StepReport:
-    def __init__(self, comm, xp):
+    def __init__(self, comm):
         self._comm = comm
-        self._xp = xp
+        self._timer = StageTimer()
         self.stages = {}
         self.info = {}
 
     @contextlib.contextmanager
     def stage(self, name):
         """Charge the time and the collectives of the ``with`` body to stage ``name``."""
-        synchronize(self._xp)
         before = self._comm.stats
-        start = time.perf_counter()
+        start = self._timer.start()
         yield
-        synchronize(self._xp)
-        seconds = time.perf_counter() - start
+        seconds = self._timer.stop(name, start)
         self.stages[name] = {"seconds": seconds,
                              "collectives": stats_difference(self._comm.stats, before)}
 
