@@ -232,7 +232,7 @@ def train(run):
     run.elapsed = lambda: run.elapsed_before + time.monotonic() - started
     run.progress = ProgressBar(total, first_iteration=iteration, enabled=options.progress,
                                quiet=not run.is_root)
-    step = UpdateStep(comm, run.optimizer, run.classifier, options.acc_iters)
+    step = UpdateStep(run.optimizer, run.classifier, options.acc_iters)
     if run.is_root:
         run.progress.message(
             f"{PROG}: {options.arch} on {len(run.train_set)} training examples, "

@@ -12,10 +12,10 @@ NumPy does with a Python float), so tests/test_gpu_*.py can compare the two.
   (:mod:`kfac_mn.functions.batch_normalization`): ``x_hat`` and ``y`` in one pass, ``gx`` in
   one pass, instead of four passes each.
 * :func:`pack_upper_triangle` / :func:`unpack_upper_triangle`
-  (:mod:`kfac_mn.communicators.packing`): a symmetric factor's upper triangle with the scale
+  (:mod:`kfac_mn.distributed.triangles`): a symmetric factor's upper triangle with the scale
   and the cast (e.g. to float16) in one pass, and back to the full matrix with the cast and
   the unscale in one pass, without the two index arrays of ``triu_indices``.
-* :func:`scale_segments` and :func:`segment_max_abs` (:mod:`kfac_mn.fisher.segment_scaling`):
+* :func:`scale_segments` and :func:`segment_max_abs` (:mod:`kfac_mn.distributed.segment_scaling`):
   one launch for the whole packed buffer instead of one or two per segment.
 * :func:`max_abs`, :func:`ldexp_to_float16` and :func:`float16_gram`
   (:mod:`kfac_mn.fisher.factor_products`): float16 x float16 products with float32

@@ -6,11 +6,16 @@ the parameter's optimizer state (e.g. the momentum buffer) and hyperparameters.
 A rule's :class:`Hyperparameter` falls back to the optimizer's, which falls
 back to the method's defaults, so ``optimizer.lr = x`` changes every rule that
 has no value of its own.
+
+Every optimizer takes its gradients one way (:meth:`Optimizer.compute_gradients`): from one
+batch, ``update(lossfun, x, t)``, or accumulated over micro-batches,
+``update(lossfun, MicroBatches([(x_0, t_0), (x_1, t_1)]))``.
 """
 import numpy
 
 from kfac_mn.link import Link
 from kfac_mn.serializers import Deserializer
+from kfac_mn.variable import Variable
 
 
 class Hyperparameter:
@@ -98,6 +103,23 @@ class UpdateRule:
                 self.state[key] = serializer(key, self.state[key])
 
 
+class MicroBatches:
+    """The ``lossfun`` arguments of the k micro-batches of one update (``--acc-iters k``).
+
+    ``optimizer.update(lossfun, MicroBatches([(x_0, t_0), (x_1, t_1)]))`` runs forward and
+    backward on each micro-batch in turn; the gradients of the k mean losses are summed and
+    divided by k (K-FAC's statistic sums and counts simply add up over them too).  With equal
+    micro-batches of b examples this is the update of one batch of k b examples, for any layer
+    whose output does not depend on the other examples of its batch (batch normalization
+    computes its statistics per micro-batch).  The loss returned is the mean of the k losses.
+    """
+
+    def __init__(self, batches):
+        self.batches = [tuple(batch) for batch in batches]
+        if not self.batches:
+            raise ValueError("MicroBatches needs at least one micro-batch")
+
+
 class Optimizer:
     """Base optimizer: target link, step count ``t``, ``epoch`` and hooks.
 
@@ -157,23 +179,43 @@ class Optimizer:
         for hook in list(self._hooks[timing].values()):
             hook(self)
 
+    def compute_gradients(self, lossfun, *args, **kwds):
+        """Clear the gradients, then forward and backward ``loss = lossfun(*args, **kwds)``
+        (each loss is cut from its graph, freeing it); returns the loss.
+
+        ``args`` may be a single :class:`MicroBatches`: then every micro-batch adds to the
+        gradients, which are divided by their number, and the mean loss is returned.
+        """
+        self.target.cleargrads()
+        if not (len(args) == 1 and isinstance(args[0], MicroBatches)):
+            return self.backward_batch(lossfun, args, kwds)
+        batches = args[0].batches
+        losses = [self.backward_batch(lossfun, batch, kwds) for batch in batches]
+        for param in self.target.params(include_uninit=False):
+            if param.grad is not None:
+                param.grad /= param.grad.dtype.type(len(batches))
+        xp = self.target.xp
+        return Variable(xp.mean(xp.stack([loss.data for loss in losses])), requires_grad=False)
+
+    def backward_batch(self, lossfun, args, kwds):
+        """Forward and backward of one (micro-)batch, adding to the gradients."""
+        loss = lossfun(*args, **kwds)
+        loss.backward()
+        loss.unchain()
+        return loss
+
     def update(self, lossfun=None, *args, **kwds):
         """One step.
 
-        With ``lossfun``: clear the gradients, compute ``loss = lossfun(*args,
-        **kwds)``, back-propagate, and cut the loss from its graph (freeing
-        it).  Then, as in Chainer, give a zero gradient to every initialised
-        parameter that has none, run the 'pre' hooks, count the step
-        (``t += 1``), update the parameters and run the 'post' hooks.  Returns
-        the loss (``None`` without ``lossfun``).
+        With ``lossfun``: :meth:`compute_gradients`.  Then, as in Chainer, give a zero
+        gradient to every initialised parameter that has none, run the 'pre' hooks, count
+        the step (``t += 1``), update the parameters and run the 'post' hooks.  Returns the
+        loss (``None`` without ``lossfun``).
         """
         self._check_setup()
         loss = None
         if lossfun is not None:
-            self.target.cleargrads()
-            loss = lossfun(*args, **kwds)
-            loss.backward()
-            loss.unchain()
+            loss = self.compute_gradients(lossfun, *args, **kwds)
         for param in self.target.params(include_uninit=False):
             if param.grad is None:
                 param.grad = param.xp.zeros_like(param.data)

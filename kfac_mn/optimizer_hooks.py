@@ -1,4 +1,6 @@
 """Optimizer hooks: callables ``hook(optimizer)`` added with ``Optimizer.add_hook``."""
+from kfac_mn.fisher.blocks import KroneckerBlock
+from kfac_mn.fisher.registry import block_class_for
 from kfac_mn.optimizer import as_param_dtype
 
 
@@ -27,12 +29,14 @@ class WeightDecay:
 
 
 class WeightRescale:
-    """The paper's replacement for weight decay: after each update, rescale every
-    convolution and fully connected weight to Frobenius norm sqrt(2 * out_channels).
+    """The paper's replacement for weight decay: after each update, rescale the weight ``W``
+    of every Kronecker-factored layer (a link whose registered Fisher block is a
+    :class:`~kfac_mn.fisher.blocks.KroneckerBlock`: convolution and fully connected layers,
+    and any such layer type registered later) to Frobenius norm sqrt(2 * out_channels).
 
     That is the expected norm of a He-normal initialised weight (each of the
     ``out_channels`` rows has expected squared norm 2), so the scale of W stays
-    at its initial value while its direction is trained (PAPER.md, recipe).
+    at its initial value while its direction is trained (the paper's recipe).
     Biases and BatchNormalization parameters are left alone.
     """
 
@@ -40,10 +44,10 @@ class WeightRescale:
     timing = "post"
 
     def __call__(self, optimizer):
-        from kfac_mn.links import Convolution2D, Linear
-
         for link in optimizer.target.links():
-            if not isinstance(link, (Convolution2D, Linear)) or link.W.data is None:
+            block_class = block_class_for(link)
+            if block_class is None or not issubclass(block_class, KroneckerBlock) \
+                    or link.W.data is None:
                 continue
             W = link.W.data
             xp = link.W.xp

@@ -40,9 +40,9 @@ import numpy as np  # noqa: E402
 import models  # noqa: E402
 from kfac_mn.communicators import traffic  # noqa: E402
 from kfac_mn.communicators.mpiexec import inside_mpi_job, run_under_mpiexec  # noqa: E402
-from kfac_mn.fisher import assignment, packed_layout  # noqa: E402
-from kfac_mn.fisher.work_items import build_work_items  # noqa: E402
-from kfac_mn.optimizers.kfac import build_fisher_blocks  # noqa: E402
+from kfac_mn.distributed import assignment, packed_layout  # noqa: E402
+from kfac_mn.distributed.work_items import build_work_items  # noqa: E402
+from kfac_mn.fisher import build_fisher_blocks  # noqa: E402
 
 FLOAT64 = 8
 

@@ -162,7 +162,7 @@ def summary(records):
 
 
 def run_kfac(args):
-    from kfac_mn.fisher.schedule import StatisticsSchedule
+    from kfac_mn.fisher.refresh_schedule import StatisticsSchedule
     from kfac_mn.optimizers import KFAC, MomentumSGD
 
     cupy, model, x, t = our_setup(args)
@@ -192,7 +192,7 @@ def run_dkfac(args):
     import numpy as np
 
     from kfac_mn.communicators import create_communicator
-    from kfac_mn.fisher.schedule import StatisticsSchedule
+    from kfac_mn.fisher.refresh_schedule import StatisticsSchedule
     from kfac_mn.optimizers import DistributedKFAC
 
     cupy, model, x, t = our_setup(args)

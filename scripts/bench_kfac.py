@@ -32,7 +32,7 @@ from kfac_mn import backend  # noqa: E402
 from kfac_mn import functions as F  # noqa: E402
 from kfac_mn.backend import synchronize  # noqa: E402
 from kfac_mn.fisher.blocks import KroneckerBlock  # noqa: E402
-from kfac_mn.fisher.schedule import StatisticsSchedule  # noqa: E402
+from kfac_mn.fisher.refresh_schedule import StatisticsSchedule  # noqa: E402
 from kfac_mn.optimizers import KFAC, MomentumSGD  # noqa: E402
 from kfac_mn.timing import StageTimer  # noqa: E402
 from models import archs  # noqa: E402

@@ -38,14 +38,14 @@ from kfac_mn import backend, no_backprop_mode, using_config  # noqa: E402
 from kfac_mn import functions as F  # noqa: E402
 from kfac_mn import links as L  # noqa: E402
 from kfac_mn.backend import synchronize  # noqa: E402
-from kfac_mn.fisher.schedule import StatisticsSchedule  # noqa: E402
+from kfac_mn.fisher.refresh_schedule import StatisticsSchedule  # noqa: E402
+from kfac_mn.lr_schedules import PolynomialDecay, ScaledWith, ScheduleSet  # noqa: E402
+from kfac_mn.optimizer import MicroBatches  # noqa: E402
 from kfac_mn.optimizer_hooks import WeightRescale  # noqa: E402
 from kfac_mn.optimizers import KFAC, MomentumSGD  # noqa: E402
-from kfac_mn.optimizers.kfac import MicroBatches  # noqa: E402
-from kfac_mn.schedules import PolynomialDecay, ScaledWith, ScheduleSet  # noqa: E402
 from models import archs  # noqa: E402
 from utils.mnist import read_mnist_arrays  # noqa: E402
-from utils.training_step import accumulate_gradients, micro_batches  # noqa: E402
+from utils.training_step import micro_batches  # noqa: E402
 
 TARGETS = (0.98, 0.99)
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -126,19 +126,13 @@ def update(opt, lossfun, x, t, micro_batch):
     """One update on the batch ``(x, t)``; returns its mean loss (a device scalar).
 
     With ``micro_batch`` (an int) forward and backward run on parts of at most that many
-    examples (gradient accumulation, for batches that do not fit in memory at once): K-FAC
-    takes them as :class:`MicroBatches`, SGD sums the parts' gradients and divides by their
-    number.  Batch normalization then normalizes each part with its own statistics.
+    examples (gradient accumulation, for batches that do not fit in memory at once), handed
+    to either optimizer as :class:`MicroBatches`.  Batch normalization then normalizes each
+    part with its own statistics.
     """
     k = 1 if not micro_batch else -(-len(x) // micro_batch)
-    if k == 1:
-        return opt.update(lossfun, x, t).data
-    parts = micro_batches(x, t, k)
-    if isinstance(opt, KFAC):
-        return opt.update(lossfun, MicroBatches(parts)).data
-    total = accumulate_gradients(opt.target, lossfun, parts)
-    opt.update()
-    return total / k
+    args = (x, t) if k == 1 else (MicroBatches(micro_batches(x, t, k)),)
+    return opt.update(lossfun, *args).data
 
 
 def train(name, lr, epochs, args, data, log=print):

@@ -19,11 +19,11 @@ stages of ``DistributedKFAC``, the paper's Figure 1):
   reading the patches of a convolution), G (``2 b S O^2``); BN: the per-example gamma / beta
   gradients (3 activation passes).
 * reduce_scatter (stage 2): a float64 all-gather of the agreement vector, then the
-  ReduceScatterV of the packed buffer of ``kfac_mn.fisher.packed_layout`` (gradients and
+  ReduceScatterV of the packed buffer of ``kfac_mn.distributed.packed_layout`` (gradients and
   upper triangles of the due statistics, grouped by owner).  SGD: a ring all-reduce of the
   gradients.
 * owner_work (stage 3): on the most loaded rank of the actual assignment
-  (``kfac_mn.fisher.assignment``, greedy by default): folding the new statistics into the
+  (``kfac_mn.distributed.assignment``, greedy by default): folding the new statistics into the
   running factors (3 passes over each factor), inversion ``d^3`` flops per d x d factor
   (Cholesky d^3/3 plus the inverse of the triangle 2 d^3/3) at ``inv_flops``, and the
   preconditioning ``2 O^2 K' + 2 O K'^2`` at ``fp32_flops`` (BN: a few passes over 2C values).
@@ -95,8 +95,8 @@ import numpy as np  # noqa: E402
 
 import models  # noqa: E402
 from kfac_mn import no_backprop_mode, using_config  # noqa: E402
-from kfac_mn.fisher import assignment as layer_assignment  # noqa: E402
-from kfac_mn.fisher import packed_layout  # noqa: E402
+from kfac_mn.distributed import assignment as layer_assignment  # noqa: E402
+from kfac_mn.distributed import packed_layout  # noqa: E402
 from kfac_mn.fisher.blocks import KroneckerBlock  # noqa: E402
 from kfac_mn.function_hook import FunctionHook  # noqa: E402
 from kfac_mn.functions.patches import output_hw  # noqa: E402
@@ -230,7 +230,7 @@ class Profile:
     arch: str
     size: int
     calls: list        # Call per forward function, then the loss
-    items: list        # work items of distributed K-FAC (kfac_mn.fisher.work_items)
+    items: list        # work items of distributed K-FAC (kfac_mn.distributed.work_items)
     call_of: dict      # block path -> its Call
     parameters: int
     arrays: int        # parameter arrays
@@ -304,8 +304,7 @@ def owner_seconds(profile, machine):
             flops = 2 * out_dim ** 2 * in_dim + 2 * out_dim * in_dim ** 2
             costs[item.name] = (inversion, flops / machine.fp32_flops + 2 * machine.latency)
         else:
-            shape = item.statistic_shapes()["F"]
-            inversion = layer_assignment.inversion_cost(shape) / machine.inv_flops
+            inversion = item.block.inversion_cost() / machine.inv_flops
             costs[item.name] = (inversion + 3 * machine.latency,
                                 4 * 4 * item.gradient_size() / machine.mem_bandwidth
                                 + machine.latency)

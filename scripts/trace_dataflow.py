@@ -27,7 +27,7 @@ from kfac_mn import Chain  # noqa: E402
 from kfac_mn import functions as F  # noqa: E402
 from kfac_mn import links as L  # noqa: E402
 from kfac_mn.communicators.mpiexec import inside_mpi_job, run_under_mpiexec  # noqa: E402
-from kfac_mn.fisher import packed_layout  # noqa: E402
+from kfac_mn.distributed import packed_layout  # noqa: E402
 
 STAGE_TITLES = (
     "1 compute_local_statistics: forward/backward on the local batch",

@@ -1,6 +1,5 @@
 """Communicators: real MPI jobs (mpiexec on the scripts in tests/mpi/) and the pure helpers."""
 import importlib.util
-import math
 import os
 import pathlib
 import shutil
@@ -9,10 +8,9 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
-from kfac_mn.communicators import create_communicator, packing, traffic
+from kfac_mn.communicators import create_communicator, traffic
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 MPI_SCRIPTS = REPO_ROOT / "tests" / "mpi"
@@ -104,7 +102,7 @@ def test_uncaught_exception_on_one_rank_aborts_the_whole_job():
 
 # -- no MPI needed -------------------------------------------------------------------
 def test_importing_the_package_does_not_initialize_mpi():
-    code = ("import sys, kfac_mn.communicators, kfac_mn.communicators.packing; "
+    code = ("import sys, kfac_mn.communicators, kfac_mn.distributed.triangles; "
             "sys.exit('mpi4py' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, timeout=60,
                             env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
@@ -138,52 +136,3 @@ def test_ring_formulas_for_uneven_segments_and_chain_bcast():
         (100, 100), (0, 100), (100, 0), (100, 100)]
     assert traffic.ring_allreduce_bytes(1000, 4, 1, 0) == (0, 0)
     assert traffic.chain_bcast_bytes(1000, 1, 0, 0) == (0, 0)
-
-
-def test_upper_triangle_is_row_major_and_round_trips_exactly():
-    matrix = np.array([[1.0, 2.0, 3.0], [2.0, 4.0, 5.0], [3.0, 5.0, 6.0]])
-    np.testing.assert_array_equal(packing.pack_upper_triangle(matrix), [1, 2, 3, 4, 5, 6])
-    rng = np.random.default_rng(0)
-    for d in (0, 1, 2, 7, 33):
-        x = rng.standard_normal((d, d + 3))
-        factor = x @ x.T / 3.0
-        packed = packing.pack_upper_triangle(factor)
-        assert packed.shape == (d * (d + 1) // 2,)
-        unpacked = packing.unpack_upper_triangle(packed, d)
-        assert unpacked.dtype == np.float64
-        np.testing.assert_array_equal(unpacked, factor)
-
-
-def test_triangle_helpers_refuse_bad_shapes():
-    with pytest.raises(ValueError, match=r"expected a square matrix, got shape \(2, 3\)"):
-        packing.pack_upper_triangle(np.zeros((2, 3)))
-    with pytest.raises(ValueError, match=r"a 3x3 triangle has 6 values, got .* \(5,\)"):
-        packing.unpack_upper_triangle(np.zeros(5), 3)
-
-
-def test_half_scale_is_the_largest_safe_power_of_two():
-    for max_abs in (1e-9, 0.3, 1.0, 65504.0, 1e6, 3.7e12):
-        for world_size in (1, 3, 4, 1024):
-            scale = packing.half_scale(max_abs, world_size)
-            assert math.log2(scale) == int(math.log2(scale))
-            assert world_size * max_abs * scale <= packing.FLOAT16_SUM_LIMIT
-            assert world_size * max_abs * scale * 2 > packing.FLOAT16_SUM_LIMIT
-    assert packing.half_scale(0.0, 8) == 1.0
-    with pytest.raises(ValueError, match="inf or nan"):
-        packing.half_scale(float("inf"), 2)
-
-
-def test_half_round_trip_on_one_rank_is_within_float16_rounding():
-    buffer = np.random.default_rng(1).standard_normal(1000) * 1e6
-    half, scale = packing.to_half_scaled(buffer, world_size=1)
-    assert half.dtype == np.float16 and np.all(np.isfinite(half))
-    restored = packing.from_half_scaled(half, scale, np.float32)
-    assert restored.dtype == np.float32
-    assert np.max(np.abs(restored - buffer) / np.abs(buffer)) <= 2.0 ** -11
-
-
-def test_to_half_scaled_refuses_a_max_below_the_buffer_and_integer_buffers():
-    with pytest.raises(ValueError, match="pass the maximum over all ranks"):
-        packing.to_half_scaled(np.array([1.0, -5.0]), 2, max_abs=4.0)
-    with pytest.raises(TypeError, match="floating-point buffer, got int64"):
-        packing.to_half_scaled(np.arange(3, dtype=np.int64), 2)

@@ -12,7 +12,7 @@ import pytest
 from kfac_mn import Chain, backend
 from kfac_mn import functions as F
 from kfac_mn import links as L
-from kfac_mn.fisher.schedule import StatisticsSchedule
+from kfac_mn.fisher.refresh_schedule import StatisticsSchedule
 from kfac_mn.optimizers import KFAC
 from tests.kfac_models import ConvNet, explicit_patches, to_float64
 

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 from kfac_mn import backend
-from kfac_mn.communicators import packing
-from kfac_mn.fisher import segment_scaling
+from kfac_mn.distributed import segment_scaling, triangles
 
 
 def host(array):
@@ -48,11 +47,11 @@ def test_pack_and_unpack_with_scale_and_cast_match_loops(xp, d, source, target, 
     rng = np.random.default_rng(d)
     matrix = symmetric(rng, d, source, magnitude=30.0)
     matrix[0:1, 1:] += 0.5  # an asymmetric upper triangle: only it may be read
-    packed = packing.pack_upper_triangle(xp.asarray(matrix), scale, target)
+    packed = triangles.pack_upper_triangle(xp.asarray(matrix), scale, target)
     expected = reference_pack(matrix, scale, target)
     assert packed.dtype == np.dtype(target) and packed.shape == (d * (d + 1) // 2,)
     np.testing.assert_array_equal(host(packed), expected)
-    back = packing.unpack_upper_triangle(packed, d, scale, source)
+    back = triangles.unpack_upper_triangle(packed, d, scale, source)
     assert back.dtype == np.dtype(source)
     np.testing.assert_array_equal(host(back), reference_unpack(expected, d, scale, source))
 
@@ -60,10 +59,10 @@ def test_pack_and_unpack_with_scale_and_cast_match_loops(xp, d, source, target, 
 def test_half_packing_of_a_factor_round_trips_within_float16_rounding(xp):
     rng = np.random.default_rng(1)
     factor = symmetric(rng, 40, np.float32, magnitude=100.0)  # entries up to ~5e5 > 65504
-    scale = packing.half_scale(float(np.abs(factor).max()), world_size=1)
-    half = packing.pack_upper_triangle(xp.asarray(factor), scale, np.float16)
+    scale = segment_scaling.half_scale(float(np.abs(factor).max()), world_size=1)
+    half = triangles.pack_upper_triangle(xp.asarray(factor), scale, np.float16)
     assert np.all(np.isfinite(host(half)))
-    back = host(packing.unpack_upper_triangle(half, 40, scale, np.float32))
+    back = host(triangles.unpack_upper_triangle(half, 40, scale, np.float32))
     bound = 2.0 ** -11 * np.abs(factor) + 2.0 ** -24 / scale
     assert np.all(np.abs(back - factor) <= bound)
 
@@ -112,21 +111,21 @@ def test_gpu_triangle_kernels_equal_numpy_packing(d):
     cupy = backend.cupy
     rng = np.random.default_rng(3)
     matrix = symmetric(rng, d, np.float32, magnitude=10.0)
-    scale = packing.half_scale(float(np.abs(matrix).max()) if d else 0.0, world_size=4)
+    scale = segment_scaling.half_scale(float(np.abs(matrix).max()) if d else 0.0, world_size=4)
     for target, s in ((np.float16, scale), (np.float32, 1.0), (np.float64, 0.1)):
-        on_cpu = packing.pack_upper_triangle(matrix, s, target)
-        on_gpu = packing.pack_upper_triangle(cupy.asarray(matrix), s, target)
+        on_cpu = triangles.pack_upper_triangle(matrix, s, target)
+        on_gpu = triangles.pack_upper_triangle(cupy.asarray(matrix), s, target)
         assert isinstance(on_gpu, cupy.ndarray) and on_gpu.dtype == on_cpu.dtype
         np.testing.assert_array_equal(host(on_gpu), on_cpu)
         for dtype in (np.float32, np.float64):
             np.testing.assert_array_equal(
-                host(packing.unpack_upper_triangle(on_gpu, d, s, dtype)),
-                packing.unpack_upper_triangle(on_cpu, d, s, dtype))
+                host(triangles.unpack_upper_triangle(on_gpu, d, s, dtype)),
+                triangles.unpack_upper_triangle(on_cpu, d, s, dtype))
     view = cupy.zeros(d * (d + 1) // 2 + 5, dtype=np.float32)[5:]  # a slice of a buffer
     from kfac_mn import cuda_kernels
 
     cuda_kernels.pack_upper_triangle(cupy.asarray(matrix), 1.0, view)
-    np.testing.assert_array_equal(host(view), packing.pack_upper_triangle(matrix))
+    np.testing.assert_array_equal(host(view), triangles.pack_upper_triangle(matrix))
 
 
 @pytest.mark.gpu

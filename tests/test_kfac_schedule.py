@@ -4,9 +4,9 @@ import pytest
 
 from kfac_mn import functions as F
 from kfac_mn.fisher.blocks import relative_change
-from kfac_mn.fisher.schedule import StatisticsSchedule
+from kfac_mn.fisher.refresh_schedule import StatisticsSchedule
+from kfac_mn.lr_schedules import PolynomialDecay, ScaledWith, ScheduleSet, StepDecay
 from kfac_mn.optimizers import KFAC, MomentumSGD
-from kfac_mn.schedules import PolynomialDecay, ScaledWith, ScheduleSet, StepDecay
 from tests.kfac_models import ConvNet
 
 

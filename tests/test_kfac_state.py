@@ -5,7 +5,7 @@ import pytest
 from kfac_mn import Chain, serializers
 from kfac_mn import functions as F
 from kfac_mn import links as L
-from kfac_mn.fisher.schedule import StatisticsSchedule
+from kfac_mn.fisher.refresh_schedule import StatisticsSchedule
 from kfac_mn.optimizers import KFAC
 
 

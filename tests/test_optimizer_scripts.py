@@ -1,29 +1,16 @@
 """scripts/bench_kfac.py, compare_optimizers.py and small_scale_table.py: small runs end to end,
 and the accumulation helper against a whole-batch update."""
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
-from kfac_mn import Chain
-from kfac_mn import functions as F
 from kfac_mn import links as L
-from kfac_mn.optimizers import KFAC, MomentumSGD
 from models import archs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "scripts",
-                                                                     name + ".py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_script(*args, timeout=300):
@@ -31,47 +18,6 @@ def run_script(*args, timeout=300):
                           timeout=timeout, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     return done.stdout, json.loads(done.stdout.strip().splitlines()[-1])
-
-
-class NoBatchNorm(Chain):
-    """A convolution and a linear layer: no layer mixes the examples of a batch, so an update
-    accumulated over micro-batches equals the whole-batch one."""
-
-    def __init__(self):
-        super().__init__()
-        with self.init_scope():
-            self.conv = L.Convolution2D(1, 3, 3, pad=1)
-            self.fc = L.Linear(3 * 6 * 6, 4)
-
-    def forward(self, x):
-        return self.fc(F.relu(self.conv(x)))
-
-
-@pytest.mark.parametrize("optimizer_class", [MomentumSGD, KFAC])
-def test_micro_batched_update_equals_the_whole_batch(optimizer_class):
-    compare = load_script("compare_optimizers")
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((12, 1, 6, 6))
-    t = rng.integers(0, 4, 12).astype(np.int32)
-    weights = []
-    for micro_batch in (None, 4, 7):  # the whole batch; three parts of 4; two parts of 6
-        np.random.seed(0)
-        model = NoBatchNorm()
-        for param in model.params():
-            param.data = param.data.astype(np.float64)
-        optimizer = optimizer_class(lr=0.1)
-        optimizer.setup(model)
-
-        def lossfun(a, b, model=model):
-            return F.softmax_cross_entropy(model(a), b)
-
-        losses = [float(compare.update(optimizer, lossfun, x, t, micro_batch))
-                  for _ in range(3)]
-        weights.append(([p.data.copy() for _, p in sorted(model.namedparams())], losses))
-    for other, losses in weights[1:]:
-        for expected, found in zip(weights[0][0], other):
-            np.testing.assert_allclose(found, expected, rtol=1e-10, atol=1e-12)
-        np.testing.assert_allclose(losses, weights[0][1], rtol=1e-10)
 
 
 def test_bench_kfac_measures_one_stale_cycle():

@@ -1,11 +1,14 @@
 """Optimizer framework, MomentumSGD and WeightDecay (hand computations and PyTorch)."""
 import numpy
+import numpy as np
 import pytest
 
 from kfac_mn import functions as F
+from kfac_mn import links as L
 from kfac_mn import optimizer_hooks, optimizers
 from kfac_mn.link import Chain, Link
-from kfac_mn.optimizer import GradientMethod, Hyperparameter, UpdateRule
+from kfac_mn.optimizer import GradientMethod, Hyperparameter, MicroBatches, UpdateRule
+from kfac_mn.optimizers import KFAC, MomentumSGD
 from kfac_mn.variable import Parameter
 
 
@@ -281,3 +284,47 @@ def test_weight_rescale_sets_conv_and_linear_norms_and_leaves_the_rest():
     assert numpy.linalg.norm(model.fc.W.data) == pytest.approx(numpy.sqrt(6.0), rel=1e-5)
     assert model.conv.W.data.dtype == numpy.float32
     assert not numpy.allclose(model.bn.gamma.data, 1.0)  # trained, not rescaled
+
+
+class NoBatchNorm(Chain):
+    """A convolution and a linear layer: no layer mixes the examples of a batch, so an update
+    accumulated over micro-batches equals the whole-batch one."""
+
+    def __init__(self):
+        super().__init__()
+        with self.init_scope():
+            self.conv = L.Convolution2D(1, 3, 3, pad=1)
+            self.fc = L.Linear(3 * 6 * 6, 4)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.conv(x)))
+
+
+@pytest.mark.parametrize("optimizer_class", [MomentumSGD, KFAC])
+def test_micro_batched_update_equals_the_whole_batch(optimizer_class):
+    """Every optimizer takes MicroBatches the same way (Optimizer.compute_gradients); fails
+    without the division by the number of parts."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((12, 1, 6, 6))
+    t = rng.integers(0, 4, 12).astype(np.int32)
+    weights = []
+    for parts in (1, 3, 2):  # the whole batch; three parts of 4; two parts of 6
+        np.random.seed(0)
+        model = NoBatchNorm()
+        for param in model.params():
+            param.data = param.data.astype(np.float64)
+        optimizer = optimizer_class(lr=0.1)
+        optimizer.setup(model)
+
+        def lossfun(a, b, model=model):
+            return F.softmax_cross_entropy(model(a), b)
+
+        bounds = np.linspace(0, 12, parts + 1).astype(int)
+        args = (x, t) if parts == 1 else (MicroBatches(
+            [(x[i:j], t[i:j]) for i, j in zip(bounds[:-1], bounds[1:])]),)
+        losses = [float(optimizer.update(lossfun, *args).data) for _ in range(3)]
+        weights.append(([p.data.copy() for _, p in sorted(model.namedparams())], losses))
+    for other, losses in weights[1:]:
+        for expected, found in zip(weights[0][0], other):
+            np.testing.assert_allclose(found, expected, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(losses, weights[0][1], rtol=1e-10)

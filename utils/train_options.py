@@ -14,7 +14,7 @@ import json
 import os
 
 from kfac_mn.communicators import COMMUNICATOR_NAMES
-from kfac_mn.fisher.assignment import ASSIGNMENTS
+from kfac_mn.distributed.assignment import ASSIGNMENTS
 from models import archs
 
 OPTIMIZERS = ("kfac", "sgd")

@@ -2,8 +2,9 @@
 
 - ``--optimizer kfac``: :class:`~kfac_mn.optimizers.DistributedKFAC` on every world size
   (one rank included), with the stale-statistics schedule of the options.
-- ``--optimizer sgd``: :class:`~kfac_mn.optimizers.MomentumSGD`; the update step averages the
-  gradients over the ranks first.
+- ``--optimizer sgd``: :class:`~kfac_mn.optimizers.MomentumSGD` wrapped by
+  :func:`~kfac_mn.optimizers.create_multi_node_optimizer` (rank 0's weights at setup, the
+  gradients averaged over the ranks before each update).
 
 The lr is ``--lr`` (times global batch / ``--lr-reference-batch`` when that is set), decayed
 polynomially (the paper's recipe) or in steps (Goyal et al.), with an optional linear
@@ -12,10 +13,10 @@ Every schedule is a function of the fractional epoch, so a resumed run continues
 """
 import numpy
 
-from kfac_mn.fisher.schedule import StatisticsSchedule
+from kfac_mn.fisher.refresh_schedule import StatisticsSchedule
+from kfac_mn.lr_schedules import PolynomialDecay, ScaledWith, ScheduleSet, StepDecay
 from kfac_mn.optimizer_hooks import WeightDecay, WeightRescale
-from kfac_mn.optimizers import DistributedKFAC, MomentumSGD
-from kfac_mn.schedules import PolynomialDecay, ScaledWith, ScheduleSet, StepDecay
+from kfac_mn.optimizers import DistributedKFAC, MomentumSGD, create_multi_node_optimizer
 from utils.train_options import decay_end, global_batch
 
 
@@ -46,11 +47,10 @@ def build_optimizer(options, comm, link):
             schedule=statistics_schedule(options), seed=options.seed,
             comm_dtype=numpy.dtype(options.comm_dtype), assignment=options.assignment,
             factor_dtype=None if options.factor_dtype == "data" else options.factor_dtype)
-        optimizer.setup(link)  # broadcasts rank 0's weights
     else:
-        optimizer = MomentumSGD(lr=lr, momentum=options.momentum)
-        optimizer.setup(link)
-        comm.bcast_data(link)
+        optimizer = create_multi_node_optimizer(
+            MomentumSGD(lr=lr, momentum=options.momentum), comm)
+    optimizer.setup(link)  # broadcasts rank 0's weights
     if options.weight_decay > 0:
         optimizer.add_hook(WeightDecay(options.weight_decay))
     if options.weight_rescale:

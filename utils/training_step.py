@@ -1,11 +1,11 @@
 """One training update and one validation pass, on every rank.
 
 Update (``acc_iters = k``): the rank's batch of ``k x batchsize`` examples is split into k
-micro-batches.  K-FAC hands them to the optimizer as :class:`MicroBatches` (factors and
-gradients accumulate over them; :class:`DistributedKFAC` then reduces, preconditions and
-gathers).  SGD back-propagates each micro-batch, divides the summed gradients by k, averages
-them over the ranks (``comm.multi_node_mean_grad``) and updates.  Either way the step's
-report holds the seconds and bytes communicated of each stage.
+micro-batches and handed to the optimizer as :class:`~kfac_mn.optimizer.MicroBatches`
+(gradients, and K-FAC's factors, accumulate over them).  The optimizer is multi-node by
+itself: :class:`~kfac_mn.optimizers.DistributedKFAC`, or momentum SGD wrapped by
+:func:`~kfac_mn.optimizers.create_multi_node_optimizer`; either way its
+``last_step_report`` holds the seconds and bytes communicated of each stage.
 
 Validation: each rank evaluates its shard of the validation set (BN in inference mode, no
 graph); the sums of loss, top-1 and top-5 hits and examples are added over ranks with
@@ -17,8 +17,7 @@ from kfac_mn import backend
 from kfac_mn import functions as F
 from kfac_mn.configuration import no_backprop_mode, using_config
 from kfac_mn.links import Classifier
-from kfac_mn.optimizers.kfac import MicroBatches
-from kfac_mn.optimizers.step_report import StepReport
+from kfac_mn.optimizer import MicroBatches
 
 TOP_K = 5
 
@@ -58,59 +57,23 @@ def micro_batches(x, t, k):
     return [(x[start:stop], t[start:stop]) for start, stop in zip(bounds[:-1], bounds[1:])]
 
 
-def accumulate_gradients(link, lossfun, batches):
-    """Back-propagate each micro-batch's mean loss ``lossfun(x, t)`` into ``link``'s cleared
-    gradients and divide their sum by the number of micro-batches, which gives the gradient of
-    the mean loss of one batch made of them all (for equal micro-batches and layers that do not
-    mix examples); returns the sum of the losses' data."""
-    link.cleargrads()
-    total = 0.0
-    for x, t in batches:
-        loss = lossfun(x, t)
-        loss.backward()
-        loss.unchain()
-        total = total + loss.data
-    if len(batches) > 1:
-        for param in link.params(include_uninit=False):
-            if param.grad is not None:
-                param.grad /= param.grad.dtype.type(len(batches))
-    return total
-
-
 class UpdateStep:
-    """``step(x, t)`` runs one update of ``optimizer`` on this rank's batch; returns the report.
+    """``step(x, t)`` runs one update of ``optimizer`` on this rank's batch; returns the
+    optimizer's ``last_step_report`` (``stages`` with seconds and collectives, ``bytes_sent``,
+    ``bytes_received``)."""
 
-    The report is ``DistributedKFAC.last_step_report`` for K-FAC, and the same layout
-    (``stages`` with seconds and collectives, ``bytes_sent``, ``bytes_received``) for SGD.
-    """
-
-    def __init__(self, comm, optimizer, classifier, acc_iters):
-        self.comm = comm
+    def __init__(self, optimizer, classifier, acc_iters):
         self.optimizer = optimizer
         self.classifier = classifier
         self.acc_iters = acc_iters
-        self.is_kfac = hasattr(optimizer, "fisher_blocks")
 
     def __call__(self, x, t):
         xp = self.classifier.xp
         batches = [(to_device(xb, xp), to_device(tb, xp))
                    for xb, tb in micro_batches(x, t, self.acc_iters)]
-        if self.is_kfac:
-            args = batches[0] if len(batches) == 1 else (MicroBatches(batches),)
-            self.optimizer.update(self.classifier, *args)
-            return self.optimizer.last_step_report
-        return self._sgd_update(batches, xp)
-
-    def _sgd_update(self, batches, xp):
-        report = StepReport(self.comm)
-        with report.stage("1_forward_backward"):
-            accumulate_gradients(self.classifier, self.classifier, batches)
-        with report.stage("2_allreduce_gradients"):
-            self.comm.multi_node_mean_grad(self.classifier)
-        with report.stage("3_update"):
-            self.optimizer.update()
-        report.info.update(step=self.optimizer.t)
-        return report.as_dict()
+        args = batches[0] if len(batches) == 1 else (MicroBatches(batches),)
+        self.optimizer.update(self.classifier, *args)
+        return self.optimizer.last_step_report
 
 
 def evaluate(predictor, loader, comm):

@@ -1,4 +1,4 @@
-"""Fisher blocks: one per layer, in the conventions of ../shared/PAPER.md.
+"""Fisher blocks: one per layer, in the conventions of docs/DESIGN.md ("K-FAC conventions").
 
 A block turns what the :class:`~kfac_mn.fisher.hook.KFACHook` saw during one
 forward/backward (input activations ``a`` and output gradients ``g``) into
@@ -19,19 +19,29 @@ factors do not depend on how the global batch is split.
   second moment, diagonal ('diag', the paper), 2x2 per channel ('unit') or the
   full 2C x 2C block ('full').
 
-Damping (Tikhonov with pi-correction, PAPER.md):
+Damping (Tikhonov with pi-correction, Section 4 of the paper):
 ``pi = sqrt((tr A / dim A) / (tr G / dim G))``,
 ``A_d = A + pi sqrt(gamma) I``, ``G_d = G + sqrt(gamma) / pi I``, and the
 preconditioned gradient ``G_d^{-1} [dW | db] A_d^{-1}``; BN blocks use
 ``F + gamma I``.  Damping is applied to copies only: the running factors stay
 undamped, so it never leaks into the average.
+
+Each block class declares its layer type (``link_type``, ``function_types``), its statistics'
+shapes and its inversion cost, and registers itself (:mod:`kfac_mn.fisher.registry`).  Only
+a block writes its own fields: the optimizer hands it the global sums of a distributed step
+(:meth:`FisherBlock.take_global_sums`), and state travels through :meth:`FisherBlock.serialize`.
 """
 import math
 
 from kfac_mn import backend
 from kfac_mn.fisher.factor_products import gram
 from kfac_mn.fisher.inverse import damped_inverse
+from kfac_mn.fisher.registry import BlockOptions, register_block
 from kfac_mn.functions import im2col
+from kfac_mn.functions.batch_normalization import BatchNormalization as BatchNormFunction
+from kfac_mn.functions.convolution_2d import Convolution2DFunction
+from kfac_mn.functions.linear import LinearFunction
+from kfac_mn.links import BatchNormalization, Convolution2D, Linear
 
 
 def _host_values(xp, values):
@@ -61,24 +71,46 @@ def pi_correction(A, G):
     return math.sqrt(ta / tg)
 
 
+def _cube(shape):
+    """Operations to invert a d x d matrix (Cholesky d^3/3, then the inverse 2 d^3/3)."""
+    return shape[0] ** 3
+
+
 class FisherBlock:
     """Shared machinery: statistic sums for one step, running averages, state.
 
-    Subclasses name their statistics in ``statistic_names`` and say which are
-    symmetric matrices (``symmetric``: communicated as upper triangles).
+    A subclass declares its layer type (``link_type``, ``function_types``: see
+    :mod:`kfac_mn.fisher.registry`), names its statistics in ``statistic_names``, says which
+    are symmetric matrices (``symmetric``: communicated as upper triangles), and defines
+    :meth:`statistic_shapes`, :meth:`inversion_cost`, ``param_list``, ``accumulate_forward``,
+    ``accumulate_backward``, ``compute_inverses`` and ``precondition``.
     """
 
+    link_type = None
+    function_types = ()
     statistic_names = ()
     symmetric = {}
 
-    def __init__(self, path, link):
+    def __init__(self, path, link, options=None):
+        options = options or BlockOptions()
         self.path = path
         self.link = link
+        self.options = options
+        self.max_examples = options.max_examples  # statistics from a batch's first examples
         self.sums = {}        # name -> array: sums over examples, this step
         self.counts = {}      # name -> divisor of the sum (examples, or examples x positions)
         self.factors = {}     # name -> running (undamped) average
         self.inverses = {}    # name -> damped inverse from the last inversion
-        self.max_examples = None  # statistics from the first examples of a batch only
+
+    def statistic_shapes(self):
+        """{statistic name: shape}, from the layer's parameters alone (so every rank can lay
+        out the communication buffers before any forward pass)."""
+        raise NotImplementedError(f"{type(self).__name__} must define statistic_shapes")
+
+    def inversion_cost(self):
+        """Operations to invert this block's statistics (the owners' assignment balances
+        them; the cost model divides them by the machine's inversion rate)."""
+        raise NotImplementedError(f"{type(self).__name__} must define inversion_cost")
 
     def _examples(self, n):
         """How many of a batch's ``n`` examples feed the statistics (all by default)."""
@@ -99,6 +131,26 @@ class FisherBlock:
 
     def has_statistics(self):
         return all(name in self.sums for name in self.statistic_names)
+
+    def take_global_sums(self, sums, counts):
+        """This step's statistics become ``sums`` (name -> sum over every rank's examples)
+        with their global ``counts``; statistics with count 0 (no rank ran the layer) are
+        dropped.  Used by distributed K-FAC's owner after the reduce-scatter."""
+        self.reset_sums()
+        for name, value in sums.items():
+            if counts[name] > 0:
+                self.sums[name] = value
+                self.counts[name] = counts[name]
+
+    def serialize(self, serializer):
+        """Save or load the running factors and the inverses (``factor_<name>``,
+        ``inverse_<name>``); a value absent on both sides stays absent."""
+        xp = self.link.xp
+        for kind, store in (("factor", self.factors), ("inverse", self.inverses)):
+            for name in self.statistic_names:
+                value = serializer(f"{kind}_{name}", store.get(name))
+                if value is not None:
+                    store[name] = xp.asarray(value)
 
     def averaged_statistics(self):
         """The statistics of this step: each sum divided by its count."""
@@ -140,9 +192,18 @@ class KroneckerBlock(FisherBlock):
     statistic_names = ("A", "G")
     symmetric = {"A": True, "G": True}
 
-    def __init__(self, path, link, factor_dtype=None):
-        super().__init__(path, link)
-        self.factor_dtype = factor_dtype
+    def __init__(self, path, link, options=None):
+        super().__init__(path, link, options)
+        self.factor_dtype = self.options.factor_dtype
+
+    def statistic_shapes(self):
+        """A is (in [+1 with a bias])^2 with in = W's values per output, G is out^2."""
+        W = self.link.W.data
+        inputs = W.size // W.shape[0] + (1 if self.has_bias else 0)
+        return {"A": (inputs, inputs), "G": (W.shape[0], W.shape[0])}
+
+    def inversion_cost(self):
+        return sum(_cube(shape) for shape in self.statistic_shapes().values())
 
     def param_list(self):
         return [self.link.W, getattr(self.link, "b", None)]
@@ -205,6 +266,9 @@ class KroneckerBlock(FisherBlock):
 class LinearBlock(KroneckerBlock):
     """y = W a + b with a of shape (N, in)."""
 
+    link_type = Linear
+    function_types = (LinearFunction,)
+
     def accumulate_forward(self, function, in_data):
         x = in_data[0]
         m = self._examples(x.shape[0])
@@ -220,6 +284,9 @@ class LinearBlock(KroneckerBlock):
 
 class ConvolutionBlock(KroneckerBlock):
     """KFC (Grosse & Martens 2016) on the im2col patches of the convolution itself."""
+
+    link_type = Convolution2D
+    function_types = (Convolution2DFunction,)
 
     def accumulate_forward(self, function, in_data):
         x, W = in_data[0], in_data[1]
@@ -252,14 +319,27 @@ class BatchNormBlock(FisherBlock):
     the parameter vector is [gamma; beta].
     """
 
+    link_type = BatchNormalization
+    function_types = (BatchNormFunction,)
     statistic_names = ("F",)
 
-    def __init__(self, path, link, kind="diag"):
+    def __init__(self, path, link, options=None):
+        kind = (options or BlockOptions()).bn_fisher
         if kind not in ("diag", "unit", "full"):
             raise ValueError(f"bn_fisher must be 'diag', 'unit' or 'full', not {kind!r}")
-        super().__init__(path, link)
+        super().__init__(path, link, options)
         self.kind = kind
         self.symmetric = {"F": kind == "full"}
+
+    def statistic_shapes(self):
+        """F over C channels: (2C,) for 'diag', (C, 2, 2) for 'unit', (2C, 2C) for 'full'."""
+        c = self.link.gamma.data.size
+        return {"F": {"diag": (2 * c,), "unit": (c, 2, 2), "full": (2 * c, 2 * c)}[self.kind]}
+
+    def inversion_cost(self):
+        """1 per value of a diagonal F, 8 per 2x2 unit-wise block, d^3 for the full block."""
+        c = self.link.gamma.data.size
+        return {"diag": 2 * c, "unit": 8 * c, "full": (2 * c) ** 3}[self.kind]
 
     def param_list(self):
         return [self.link.gamma, self.link.beta]
@@ -333,3 +413,7 @@ class BatchNormBlock(FisherBlock):
             new_gamma, new_beta = w[:c], w[c:]
         gamma.grad = new_gamma.astype(gamma.grad.dtype)
         beta.grad = new_beta.astype(beta.grad.dtype)
+
+
+for _block_class in (LinearBlock, ConvolutionBlock, BatchNormBlock):
+    register_block(_block_class)

@@ -1,10 +1,10 @@
 """The FunctionHook that feeds the Fisher blocks, keeping K-FAC outside the autograd.
 
-Forward: a linear or convolution call whose weight belongs to a registered
-layer hands its input activations to that layer's block.  Backward: the same
-call hands over the gradient of its output.  A BatchNormalization call hands
-over its output gradient (and the block reads ``x_hat`` from the node).  The
-layer is recognised by its parameter array: ``in_data[1]`` is the weight (or
+Forward: a call of one of a block's ``function_types`` (see
+:mod:`kfac_mn.fisher.registry`) whose second input is that block's first parameter hands its
+inputs to the block (a linear or convolution block keeps the activations; a batch-norm block
+reads ``x_hat`` from the node later).  Backward: the same call hands over the gradient of its
+output.  The layer is recognised by its parameter array: ``in_data[1]`` is the weight (or
 gamma) array of the link, the very object the link holds.
 
 Only the layers in ``active`` (those due for a refresh this step) are
@@ -14,8 +14,6 @@ import time
 
 from kfac_mn.backend import synchronize
 from kfac_mn.function_hook import FunctionHook
-
-_KNOWN_FUNCTIONS = ("LinearFunction", "Convolution2DFunction", "BatchNormalization")
 
 
 class KFACHook(FunctionHook):
@@ -43,12 +41,14 @@ class KFACHook(FunctionHook):
                 self._by_array[id(data)] = block
 
     def _block_of(self, function, in_data):
-        if function.label not in _KNOWN_FUNCTIONS or len(in_data) < 2:
+        if len(in_data) < 2:
             return None
         block = self._by_array.get(id(in_data[1]))
         if block is None and self._uninitialized:
             self._index_arrays()
             block = self._by_array.get(id(in_data[1]))
+        if block is None or not isinstance(function, block.function_types):
+            return None
         return block
 
     def forward_postprocess(self, function, in_data):

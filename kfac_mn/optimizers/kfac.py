@@ -14,20 +14,11 @@ spreads over workers:
 5. :meth:`apply_update`: momentum SGD on the preconditioned gradients
    (parameters without a block use their plain gradient).
 
-Hyperparameters: ``lr``, ``momentum`` (Chainer's MomentumSGD convention),
-``damping`` (gamma of PAPER.md, with pi-correction), ``cov_ema_decay`` (r:
-F <- (1 - r) F + r F_new; 1 uses the newest statistics only), ``fisher_type``
-('emp': true labels; 'mc': labels sampled from the model's prediction),
-``bn_fisher`` ('diag', 'unit', 'full'), ``inv_dtype``, ``schedule`` (a
-:class:`~kfac_mn.fisher.schedule.StatisticsSchedule`) and ``factor_dtype`` (None:
-the data's dtype; 'float16': the paper's half-precision factor products with
-float32 accumulation, see :mod:`kfac_mn.fisher.factor_products`), ``stats_batchsize``
-(None: the statistics use the whole local batch; k: only its first k examples, a cheaper
-estimate for large batches on slow hardware; per-example gradients still scale by the whole
-batch).  Optimizer 'pre' hooks (e.g. WeightDecay) see the preconditioned gradients.
-
-Gradient and factor accumulation: ``update(lossfun, MicroBatches([args_0, args_1, ...]))``
-runs stage 1 on each micro-batch in turn (see :class:`MicroBatches`).
+The layers K-FAC covers are those with a registered Fisher block
+(:mod:`kfac_mn.fisher.registry`).  Optimizer 'pre' hooks (e.g. WeightDecay) see the
+preconditioned gradients.  Gradient and factor accumulation:
+``update(lossfun, MicroBatches([args_0, args_1, ...]))`` runs stage 1 on each micro-batch in
+turn (see :class:`~kfac_mn.optimizer.MicroBatches`).
 """
 import json
 import numbers
@@ -36,52 +27,34 @@ import numpy
 
 from kfac_mn import backend
 from kfac_mn import functions as F
-from kfac_mn.fisher.blocks import BatchNormBlock, ConvolutionBlock, LinearBlock
 from kfac_mn.fisher.factor_products import check_factor_dtype
 from kfac_mn.fisher.hook import KFACHook
 from kfac_mn.fisher.inverse import FallbackCounter
-from kfac_mn.fisher.schedule import StatisticsSchedule
-from kfac_mn.links import BatchNormalization, Convolution2D, Linear
+from kfac_mn.fisher.refresh_schedule import StatisticsSchedule
+from kfac_mn.fisher.registry import build_fisher_blocks
 from kfac_mn.optimizer import HyperparameterProxy
 from kfac_mn.optimizers.momentum_sgd import MomentumSGD
 from kfac_mn.serializers import Deserializer
 from kfac_mn.timing import StageTimer
-from kfac_mn.variable import Variable
-
-
-def build_fisher_blocks(link, bn_fisher="diag", factor_dtype=None):
-    """One block per linear, convolution and batch-norm link, keyed by path, sorted."""
-    blocks = {}
-    for path, child in link.namedlinks():
-        if isinstance(child, Linear):
-            blocks[path] = LinearBlock(path, child, factor_dtype)
-        elif isinstance(child, Convolution2D):
-            blocks[path] = ConvolutionBlock(path, child, factor_dtype)
-        elif isinstance(child, BatchNormalization):
-            blocks[path] = BatchNormBlock(path, child, bn_fisher)
-    return blocks
-
-
-class MicroBatches:
-    """The ``lossfun`` arguments of the k micro-batches of one update (``--acc-iters k``).
-
-    ``optimizer.update(lossfun, MicroBatches([(x_0, t_0), (x_1, t_1)]))`` runs forward and
-    backward on each micro-batch in turn.  The blocks' statistic sums and counts simply add up
-    over the micro-batches (per-example gradients use the micro-batch size, which is what each
-    mean loss divides by), and the gradients of the k mean losses are summed and divided by k.
-    With equal micro-batches of b examples this is the update of one batch of k b examples,
-    for any layer whose output does not depend on the other examples of its batch (batch
-    normalization computes its statistics per micro-batch).  The loss returned is the mean of
-    the k losses.
-    """
-
-    def __init__(self, batches):
-        self.batches = [tuple(batch) for batch in batches]
-        if not self.batches:
-            raise ValueError("MicroBatches needs at least one micro-batch")
 
 
 class KFAC(MomentumSGD):
+    """K-FAC with momentum SGD on the preconditioned gradients, on one process.
+
+    ``lr``, ``momentum``: Chainer's MomentumSGD convention.  ``damping``: gamma of Section 4
+    (Tikhonov damping with pi-correction).  ``cov_ema_decay``: r of the running factors,
+    F <- (1 - r) F + r F_new (1 uses the newest statistics only).  ``fisher_type``: 'emp'
+    (true labels) or 'mc' (labels sampled from the model's prediction; lossfun must expose
+    its logits as ``lossfun.y``).  ``bn_fisher``: 'diag' (the paper), 'unit' or 'full'.
+    ``inv_dtype``: float32 or float64 inverses.  ``schedule``: when factors and inverses are
+    refreshed (a :class:`~kfac_mn.fisher.refresh_schedule.StatisticsSchedule`; default every
+    step).  ``seed``: the Monte-Carlo label sampler's.  ``factor_dtype``: None (the data's) or
+    'float16' (the paper's half-precision factor products with float32 accumulation, see
+    :mod:`kfac_mn.fisher.factor_products`).  ``stats_batchsize``: None (statistics from the
+    whole local batch) or k (only its first k examples, a cheaper estimate for large batches;
+    per-example gradients still scale by the whole batch).
+    """
+
     damping = HyperparameterProxy("damping")
     cov_ema_decay = HyperparameterProxy("cov_ema_decay")
 
@@ -113,16 +86,17 @@ class KFAC(MomentumSGD):
         self.factor_dtype = check_factor_dtype(factor_dtype, "KFAC")
         self.stats_batchsize = stats_batchsize
         self.schedule = schedule if schedule is not None else StatisticsSchedule()
+        self.seed = seed
         self.rng = numpy.random.default_rng(seed)
         self.fallbacks = FallbackCounter()
         self.fisher_blocks = {}
+        self._collecting = []  # the layers whose statistics the current step collects
         self.timer = StageTimer()
 
     def setup(self, link):
         super().setup(link)
-        self.fisher_blocks = build_fisher_blocks(link, self.bn_fisher, self.factor_dtype)
-        for block in self.fisher_blocks.values():
-            block.max_examples = self.stats_batchsize
+        self.fisher_blocks = build_fisher_blocks(link, self.bn_fisher, self.factor_dtype,
+                                                 self.stats_batchsize)
         return self
 
     # -- the stages ----------------------------------------------------------
@@ -134,25 +108,18 @@ class KFAC(MomentumSGD):
     def compute_local_statistics(self, due, lossfun, *args, **kwds):
         """Stage 1: forward, backward and the due layers' statistic sums; returns the loss.
 
-        ``args`` may be a single :class:`MicroBatches`: then every micro-batch adds to the
-        same sums and gradients, and the gradients are divided by their number.
+        ``args`` may be a single :class:`~kfac_mn.optimizer.MicroBatches`: then every
+        micro-batch adds to the same sums and gradients (see ``compute_gradients``).
         """
-        self.target.cleargrads()
         for path in due:
             self.fisher_blocks[path].reset_sums()
-        if len(args) == 1 and isinstance(args[0], MicroBatches):
-            batches = args[0].batches
-            losses = [self._accumulate_batch(due, lossfun, batch, kwds) for batch in batches]
-            for param in self.target.params(include_uninit=False):
-                if param.grad is not None:
-                    param.grad /= param.grad.dtype.type(len(batches))
-            xp = self.target.xp
-            return Variable(xp.mean(xp.stack([loss.data for loss in losses])),
-                            requires_grad=False)
-        return self._accumulate_batch(due, lossfun, args, kwds)
+        self._collecting = due
+        return self.compute_gradients(lossfun, *args, **kwds)
 
-    def _accumulate_batch(self, due, lossfun, args, kwds):
-        """Forward and backward of one batch, adding to the gradients and statistic sums."""
+    def backward_batch(self, lossfun, args, kwds):
+        """Forward and backward of one batch, adding to the gradients and to the statistic
+        sums of the layers :meth:`compute_local_statistics` collects."""
+        due = self._collecting
         params = list(self.target.params())  # lazy ones included: initialised by lossfun
         sampled = self.fisher_type == "mc" and bool(due)
         hook = KFACHook(self.fisher_blocks, due)
@@ -244,23 +211,10 @@ class KFAC(MomentumSGD):
         """Everything needed to continue exactly: rules, factors, inverses, schedule, RNG."""
         super().serialize(serializer)
         loading = isinstance(serializer, Deserializer)
-        xp = self.target.xp
         fisher = serializer["fisher"]
         for path, block in self.fisher_blocks.items():
-            node = fisher[path]
-            for kind, store in (("factor", block.factors), ("inverse", block.inverses)):
-                for name in block.statistic_names:
-                    value = node(f"{kind}_{name}", store.get(name))
-                    if value is not None:
-                        store[name] = xp.asarray(value)
-        schedule = serializer["schedule"]
-        for path in self.fisher_blocks:
-            node = schedule[path]
-            interval = node("interval", self.schedule.intervals.get(path))
-            next_step = node("next_step", self.schedule.next_step.get(path))
-            if loading and interval is not None:
-                self.schedule.intervals[path] = int(interval)
-                self.schedule.next_step[path] = int(next_step)
+            block.serialize(fisher[path])
+        self.schedule.serialize(serializer["schedule"], list(self.fisher_blocks))
         counts = serializer["fallbacks"]
         for kind in ("float64", "more_damping"):
             self.fallbacks[kind] = int(counts(kind, self.fallbacks[kind]))

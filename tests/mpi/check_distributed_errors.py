@@ -12,7 +12,7 @@ from kfac_mn import Chain
 from kfac_mn import functions as F
 from kfac_mn import links as L
 from kfac_mn.communicators import create_communicator
-from kfac_mn.fisher.schedule import StatisticsSchedule
+from kfac_mn.fisher.refresh_schedule import StatisticsSchedule
 from kfac_mn.optimizers import DistributedKFAC
 
 

@@ -25,10 +25,10 @@ from kfac_mn import Chain, Parameter
 from kfac_mn import functions as F
 from kfac_mn import links as L
 from kfac_mn.communicators import create_communicator
-from kfac_mn.fisher.schedule import StatisticsSchedule
+from kfac_mn.fisher.refresh_schedule import StatisticsSchedule
+from kfac_mn.optimizer import MicroBatches
 from kfac_mn.optimizers import KFAC, DistributedKFAC
 from kfac_mn.optimizers.distributed_kfac import STAGES
-from kfac_mn.optimizers.kfac import MicroBatches
 
 LOCAL_BATCH = 3
 STEPS = 5

@@ -1,24 +1,21 @@
 """K-FAC factors reduced in float16 (scaled upper triangles) over ReduceScatterV.
 
 Each of 4 ranks holds the same five symmetric factors with entries up to 1e6 (its own values),
-packs their upper triangles into one buffer grouped by owner, agrees on a float16 scale, and
-reduce-scatters; each owner unpacks the summed factors it owns.  Unscaled, 1e6 is already
+packs their upper triangles into one buffer grouped by owner, agrees on each factor's float16
+scale (the per-segment scaling of distributed K-FAC), and reduce-scatters; each owner unpacks
+the summed factors it owns.  Unscaled, 1e6 is already
 beyond float16 (max 65504).  Prints the largest relative error found.
 """
 import numpy as np
 
 from kfac_mn.communicators import create_communicator
-from kfac_mn.communicators.packing import (
-    from_half_scaled,
-    pack_upper_triangle,
-    to_half_scaled_across,
-    unpack_upper_triangle,
-)
+from kfac_mn.distributed import segment_scaling
+from kfac_mn.distributed.triangles import pack_upper_triangle, unpack_upper_triangle
 
 DIMS = (6, 1, 9, 4, 3)
 OWNERS = (2, 0, 2, 1, 0)  # for 4 ranks: uneven, and rank 3 owns nothing (an empty segment)
 LARGEST_ENTRY = 1e6
-RELATIVE_ERROR_BOUND = 4 * 2.0 ** -11  # P * u for P = 4 ranks (see packing's docstring)
+RELATIVE_ERROR_BOUND = 4 * 2.0 ** -11  # P * u for P = 4 ranks (see segment_scaling's docstring)
 
 
 def rank_factor(rank, index, dim):
@@ -37,9 +34,15 @@ def main():
               for r in range(comm.size)]
     packed = np.concatenate([pack_upper_triangle(rank_factor(comm.rank, i, DIMS[i]))
                              for i in order])
-    half, scale = to_half_scaled_across(comm, packed)
+    sizes = [DIMS[i] * (DIMS[i] + 1) // 2 for i in order]
+    local = segment_scaling.segment_max_abs(packed, sizes)
+    bounds = comm.allgather_v(local, [len(sizes)] * comm.size).reshape(comm.size, -1).max(0)
+    exponents = segment_scaling.scale_exponents(bounds, comm.size, [str(i) for i in order])
+    half = segment_scaling.encode(packed, sizes, exponents, np.float16)
     assert half.dtype == np.float16 and np.all(np.isfinite(half))
-    summed = from_half_scaled(comm.reduce_scatter_v(half, counts), scale, np.float64)
+    mine = [position for position, i in enumerate(order) if OWNERS[i] == comm.rank]
+    summed = segment_scaling.decode(comm.reduce_scatter_v(half, counts),
+                                    [sizes[p] for p in mine], exponents[mine], np.float64)
     assert np.all(np.isfinite(summed)), f"rank {comm.rank}: float16 sum overflowed"
 
     worst = frobenius = 0.0
@@ -60,7 +63,7 @@ def main():
     errors = comm.gather_obj((worst, frobenius))
     if comm.rank == 0:
         print(f"half factors: {len(DIMS)} factors, entries up to {LARGEST_ENTRY:g}, "
-              f"{comm.size} ranks, scale 2^{int(np.log2(scale))}: relative error "
+              f"{comm.size} ranks, scales 2^{exponents.min()}..2^{exponents.max()}: relative error "
               f"max|error|/max|sum| {max(e[0] for e in errors):.3g}, "
               f"Frobenius {max(e[1] for e in errors):.3g}", flush=True)
 

@@ -52,7 +52,7 @@ def train(comm, optimizer, batchsize, acc_iters):
     train_set, val_set = build_datasets(options)
     train_loader, _ = build_loaders(options, train_set, val_set, comm.rank, comm.size)
     classifier = MeteredClassifier(NoBatchNormNet())
-    step = UpdateStep(comm, build_optimizer(options, comm, classifier), classifier, acc_iters)
+    step = UpdateStep(build_optimizer(options, comm, classifier), classifier, acc_iters)
     batches = []
     for _ in range(UPDATES):
         x, t = next(train_loader)

@@ -74,9 +74,27 @@ class StatisticsSchedule:
             return self.factor_interval
         return self.intervals.get(path, 1)
 
-    def state_dict(self):
-        return {"intervals": dict(self.intervals), "next_step": dict(self.next_step)}
+    def layer_state(self, path, step):
+        """(interval, steps from ``step`` to the next refresh) of ``path``; (0, 0) before its
+        first refresh.  A refresh that is already due is 0 steps away: every step at or after
+        ``step`` makes the same decision."""
+        if path not in self.next_step:
+            return 0, 0
+        return self.intervals[path], max(self.next_step[path] - step, 0)
 
-    def load_state_dict(self, state):
-        self.intervals = {k: int(v) for k, v in state["intervals"].items()}
-        self.next_step = {k: int(v) for k, v in state["next_step"].items()}
+    def set_layer_state(self, path, step, interval, steps_ahead):
+        """Adopt another rank's :meth:`layer_state` of ``path`` (nothing for (0, 0))."""
+        if interval > 0:
+            self.intervals[path] = int(interval)
+            self.next_step[path] = step + int(steps_ahead)
+
+    def serialize(self, serializer, paths):
+        """Save or load each layer's ``interval`` and ``next_step`` (absent before its first
+        refresh, and in the fixed mode)."""
+        for path in paths:
+            node = serializer[path]
+            interval = node("interval", self.intervals.get(path))
+            next_step = node("next_step", self.next_step.get(path))
+            if interval is not None:
+                self.intervals[path] = int(interval)
+                self.next_step[path] = int(next_step)

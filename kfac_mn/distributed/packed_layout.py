@@ -3,7 +3,7 @@
 Stage 2 (ReduceScatterV) sends one buffer grouped by owner rank: for rank 0's items, then rank
 1's, and so on, each item contributes its parameters' gradients and then, if its layer is due
 for a refresh, its statistic sums (symmetric matrices as upper triangles, d(d+1)/2 values;
-see :mod:`kfac_mn.communicators.packing`).  Rank r receives the segment of its own items.
+see :mod:`kfac_mn.distributed.triangles`).  Rank r receives the segment of its own items.
 Stage 4 (AllGatherV) sends the gradients alone, grouped the same way.
 
 Every rank builds the same list of :class:`Segment` from the work items, their owners and the
@@ -12,7 +12,7 @@ due layers, all of which every rank knows, so the buffers line up without any ex
 import dataclasses
 import math
 
-from kfac_mn.communicators.packing import pack_upper_triangle, unpack_upper_triangle
+from kfac_mn.distributed.triangles import pack_upper_triangle, unpack_upper_triangle
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +36,10 @@ class Segment:
         if self.triangle:
             return self.shape[0] * (self.shape[0] + 1) // 2
         return math.prod(self.shape)
+
+    def param(self):
+        """The parameter of a 'grad' segment."""
+        return dict(self.item.params)[self.key]
 
     @property
     def label(self):
@@ -77,6 +81,16 @@ def allgather_segments(items, owners):
     return segments
 
 
+def sizes(segments):
+    """Number of values of each segment, in order."""
+    return [segment.size for segment in segments]
+
+
+def owned_by(segments, rank):
+    """The segments that ``rank`` owns, in order."""
+    return [segment for segment in segments if segment.owner == rank]
+
+
 def counts_by_owner(segments, size):
     """Number of values each rank owns in the buffer (the counts of the V collectives)."""
     counts = [0] * size
@@ -92,7 +106,7 @@ def local_value(segment):
     count 0 (see :func:`local_count`).
     """
     if segment.kind == "grad":
-        param = dict(segment.item.params)[segment.key]
+        param = segment.param()
         if param.grad is None:
             return param.xp.zeros(segment.shape, dtype=param.dtype)
         return param.grad

@@ -3,30 +3,13 @@
 An item is either a Fisher block (a linear, convolution or batch-norm layer: its parameters'
 gradients and its statistics) or a parameter that no block covers (its gradient is only
 averaged over the ranks, PAPER.md: "parameters with no block use the plain gradient").  Each
-item has exactly one owner rank (:mod:`kfac_mn.fisher.assignment`).
+item has exactly one owner rank (:mod:`kfac_mn.distributed.assignment`).
 
-The shapes of a block's statistics follow from its parameters alone, so every rank can lay out
-the communication buffers before any forward pass:
-
-* linear / convolution (W: out x in, in = C kh kw):  A is (in [+1 with a bias])^2,  G is out^2;
-* batch norm over C channels:  F is (2C,) for 'diag', (C, 2, 2) for 'unit', (2C, 2C) for 'full'.
+The shapes of a block's statistics follow from its parameters alone
+(:meth:`~kfac_mn.fisher.blocks.FisherBlock.statistic_shapes`), so every rank can lay out the
+communication buffers before any forward pass.
 """
 import dataclasses
-
-from kfac_mn.fisher.blocks import BatchNormBlock, KroneckerBlock
-
-
-def statistic_shapes(block):
-    """{statistic name: shape} of the block's statistics (see the module docstring)."""
-    if isinstance(block, KroneckerBlock):
-        W = block.link.W.data
-        inputs = W.size // W.shape[0] + (1 if block.has_bias else 0)
-        return {"A": (inputs, inputs), "G": (W.shape[0], W.shape[0])}
-    if isinstance(block, BatchNormBlock):
-        c = block.link.gamma.data.size
-        shapes = {"diag": (2 * c,), "unit": (c, 2, 2), "full": (2 * c, 2 * c)}
-        return {"F": shapes[block.kind]}
-    raise TypeError(f"no statistic layout for a {type(block).__name__} ({block.path})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +25,7 @@ class WorkItem:
     block: object = None
 
     def statistic_shapes(self):
-        return {} if self.block is None else statistic_shapes(self.block)
+        return {} if self.block is None else self.block.statistic_shapes()
 
     def gradient_size(self):
         return sum(param.data.size for _, param in self.params)

@@ -4,7 +4,8 @@ The owner of a layer receives its summed statistics, inverts its factors and pre
 gradient (stages 2-4 of the paper's Figure 1), so a rank's work is the sum over its layers of
 
 * inversion ~ d^3 for each d x d factor (A, G, a full BN block; 8 per 2x2 unit-wise BN block,
-  1 per entry of a diagonal BN Fisher), and
+  1 per entry of a diagonal BN Fisher): each block's
+  :meth:`~kfac_mn.fisher.blocks.FisherBlock.inversion_cost`, and
 * communication ~ d^2: the values it receives, the packed statistics (upper triangles of the
   symmetric factors) plus the gradient.
 
@@ -25,15 +26,6 @@ import math
 import numpy
 
 
-def inversion_cost(shape):
-    """Operations to invert a statistic of this shape (see the module docstring)."""
-    if len(shape) == 2 and shape[0] == shape[1]:
-        return shape[0] ** 3
-    if len(shape) == 3 and shape[1:] == (2, 2):
-        return 8 * shape[0]
-    return math.prod(shape)
-
-
 def packed_size(shape, symmetric):
     """Values that travel for a statistic: d(d+1)/2 for a symmetric d x d matrix."""
     if symmetric:
@@ -42,10 +34,13 @@ def packed_size(shape, symmetric):
 
 
 def estimated_cost(item):
-    """Inversion plus communication cost of a :class:`~kfac_mn.fisher.work_items.WorkItem`."""
+    """Inversion plus communication cost of a
+    :class:`~kfac_mn.distributed.work_items.WorkItem`."""
     cost = item.gradient_size()
+    if item.block is not None:
+        cost += item.block.inversion_cost()
     for name, shape in item.statistic_shapes().items():
-        cost += inversion_cost(shape) + packed_size(shape, item.block.symmetric[name])
+        cost += packed_size(shape, item.block.symmetric[name])
     return cost
 
 
