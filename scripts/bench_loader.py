@@ -1,10 +1,10 @@
 """Loader throughput against bare Pillow decoding, on a folder of real JPEG photos.
 
 Builds an ImageNet-layout folder in a temporary directory from the photos scikit-image
-ships (``utils.sample_photos``; several hundred JPEGs, longer side 400-500 px), then for
+ships (``utils.data.sample_photos``; several hundred JPEGs, longer side 400-500 px), then for
 each worker count W measures, in images per second:
 
-- bare: W processes, each decoding its share of the files with ``utils.image_decoding.
+- bare: W processes, each decoding its share of the files with ``utils.data.image_decoding.
   decode_rgb`` (``Image.open`` + ``load``, converted to RGB only when not RGB already:
   exactly the decode step of the pipeline, nothing else);
 - pipeline: ``ShardedLoader`` with W workers running the training transform
@@ -38,14 +38,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cv2  # noqa: E402
 import numpy  # noqa: E402
 
-from utils.image_decoding import decode, decode_rgb, open_image  # noqa: E402
-from utils.image_folder import ImageFolderDataset  # noqa: E402
-from utils.loader import ShardedLoader  # noqa: E402
-from utils.normalization import IMAGENET_MEAN, IMAGENET_STD, ChannelNormalizer  # noqa: E402
-from utils.pillow_pixels import pixel_view  # noqa: E402
-from utils.sample_photos import write_photo_tree  # noqa: E402
-from utils.seeding import example_rng  # noqa: E402
-from utils.transforms import TrainTransform, sample_crop_box  # noqa: E402
+from utils.data.image_decoding import decode, decode_rgb, open_image  # noqa: E402
+from utils.data.image_folder import ImageFolderDataset  # noqa: E402
+from utils.data.loader import ShardedLoader  # noqa: E402
+from utils.data.normalization import IMAGENET_MEAN, IMAGENET_STD, ChannelNormalizer  # noqa: E402
+from utils.data.pillow_pixels import pixel_view  # noqa: E402
+from utils.data.sample_photos import write_photo_tree  # noqa: E402
+from utils.data.seeding import example_rng  # noqa: E402
+from utils.data.transforms import TrainTransform, sample_crop_box  # noqa: E402
 
 
 def parse_args(argv=None):

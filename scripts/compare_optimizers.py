@@ -44,8 +44,8 @@ from kfac_mn.optimizer import MicroBatches  # noqa: E402
 from kfac_mn.optimizer_hooks import WeightRescale  # noqa: E402
 from kfac_mn.optimizers import KFAC, MomentumSGD  # noqa: E402
 from models import archs  # noqa: E402
-from utils.mnist import read_mnist_arrays  # noqa: E402
-from utils.training_step import micro_batches  # noqa: E402
+from utils.data.mnist import read_mnist_arrays  # noqa: E402
+from utils.training.step import micro_batches  # noqa: E402
 
 TARGETS = (0.98, 0.99)
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081

@@ -2,7 +2,7 @@
 
     python scripts/make_list.py IMAGENET/train train.txt [--classes classes.txt]
 
-Labels follow ``utils.image_folder.scan_class_folders``: the sorted class-folder names
+Labels follow ``utils.data.image_folder.scan_class_folders``: the sorted class-folder names
 get 0, 1, ...; files are listed class by class in sorted order. ``--classes`` also
 writes the folder names, one per line, line k holding class k. Paths are relative to
 the tree's root, so read the list back with ``ImageListDataset(list, root=TREE)``.
@@ -13,7 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils.image_folder import scan_class_folders  # noqa: E402
+from utils.data.image_folder import scan_class_folders  # noqa: E402
 
 
 def write_image_list(root, list_path, classes_path=None):

@@ -13,8 +13,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils.training_log import read_log  # noqa: E402
-from utils.training_plots import plot_runs  # noqa: E402
+from utils.training.log import read_log  # noqa: E402
+from utils.training.plots import plot_runs  # noqa: E402
 
 
 def main(argv=None):

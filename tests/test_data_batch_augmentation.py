@@ -3,7 +3,13 @@ import numpy
 import pytest
 from scipy import special, stats
 
-from utils.batch_augmentation import BatchAugmentation, mixup, mixup_lambda, one_hot, smooth_labels
+from utils.data.batch_augmentation import (
+    BatchAugmentation,
+    mixup,
+    mixup_lambda,
+    one_hot,
+    smooth_labels,
+)
 
 
 @pytest.mark.parametrize("alpha", [0.4, 1.0])

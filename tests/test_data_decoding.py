@@ -6,7 +6,7 @@ import numpy
 import pytest
 from PIL import Image
 
-from utils.image_decoding import (
+from utils.data.image_decoding import (
     CorruptImageError,
     decode,
     decode_rgb,
@@ -14,8 +14,8 @@ from utils.image_decoding import (
     open_image,
     reduce_while_decoding,
 )
-from utils.pillow_pixels import pixel_view
-from utils.sample_photos import load_photo
+from utils.data.pillow_pixels import pixel_view
+from utils.data.sample_photos import load_photo
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,14 @@ import textwrap
 import numpy
 import pytest
 
-from utils.batch_augmentation import BatchAugmentation
-from utils.image_decoding import CorruptImageError
-from utils.image_folder import ImageFolderDataset
-from utils.image_list import ImageListDataset
-from utils.loader import ShardedLoader
-from utils.normalization import IMAGENET_MEAN, IMAGENET_STD, ChannelNormalizer
-from utils.sample_photos import write_photo_tree
-from utils.transforms import EvalTransform, RandomErasing, TrainTransform
+from utils.data.batch_augmentation import BatchAugmentation
+from utils.data.image_decoding import CorruptImageError
+from utils.data.image_folder import ImageFolderDataset
+from utils.data.image_list import ImageListDataset
+from utils.data.loader import ShardedLoader
+from utils.data.normalization import IMAGENET_MEAN, IMAGENET_STD, ChannelNormalizer
+from utils.data.sample_photos import write_photo_tree
+from utils.data.transforms import EvalTransform, RandomErasing, TrainTransform
 
 IMAGENET = ChannelNormalizer(IMAGENET_MEAN, IMAGENET_STD)
 TRAIN = TrainTransform(IMAGENET, size=32, erasing=RandomErasing())
@@ -202,10 +202,10 @@ def test_close_stops_workers_and_a_dead_worker_is_reported(dataset):
 
 def test_interpreter_exit_without_close_neither_hangs_nor_leaks(root):
     script = textwrap.dedent(f"""
-        from utils.image_folder import ImageFolderDataset
-        from utils.loader import ShardedLoader
-        from utils.normalization import IMAGENET_MEAN, IMAGENET_STD, ChannelNormalizer
-        from utils.transforms import EvalTransform
+        from utils.data.image_folder import ImageFolderDataset
+        from utils.data.loader import ShardedLoader
+        from utils.data.normalization import IMAGENET_MEAN, IMAGENET_STD, ChannelNormalizer
+        from utils.data.transforms import EvalTransform
         transform = EvalTransform(ChannelNormalizer(IMAGENET_MEAN, IMAGENET_STD), 40, 32)
         loader = ShardedLoader(ImageFolderDataset({root!r}), 4, transform=transform,
                                n_workers=2, prefetch=3)

@@ -5,9 +5,9 @@ import re
 import subprocess
 import sys
 
-from utils.image_folder import ImageFolderDataset
-from utils.image_list import ImageListDataset
-from utils.sample_photos import write_photo_tree
+from utils.data.image_folder import ImageFolderDataset
+from utils.data.image_list import ImageListDataset
+from utils.data.sample_photos import write_photo_tree
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -4,7 +4,7 @@ import collections
 import numpy
 import pytest
 
-from utils.sharding import Sharding
+from utils.data.sharding import Sharding
 
 
 def _epoch_reads(n, batch_size, size, last_batch, seed=0, epoch=0, shuffle=True):

@@ -11,16 +11,16 @@ import pytest
 from PIL import Image
 from scipy import stats
 
-from utils.image_decoding import decode_rgb, image_to_chw, open_image
-from utils.normalization import (
+from utils.data.image_decoding import decode_rgb, image_to_chw, open_image
+from utils.data.normalization import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ChannelNormalizer,
     MeanImageNormalizer,
     load_mean_image,
 )
-from utils.sample_photos import load_photo
-from utils.transforms import (
+from utils.data.sample_photos import load_photo
+from utils.data.transforms import (
     EvalTransform,
     RandomErasing,
     TrainTransform,

@@ -2,10 +2,10 @@
 import numpy
 import pytest
 
-from utils.loader import ShardedLoader
-from utils.mnist import MNISTDataset
-from utils.normalization import MNIST_MEAN, MNIST_STD, ChannelNormalizer
-from utils.transforms import EvalTransform
+from utils.data.loader import ShardedLoader
+from utils.data.mnist import MNISTDataset
+from utils.data.normalization import MNIST_MEAN, MNIST_STD, ChannelNormalizer
+from utils.data.transforms import EvalTransform
 
 # Published class counts of MNIST (LeCun et al.), train and test.
 TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]

@@ -11,13 +11,13 @@ import pytest
 
 from kfac_mn.optimizers import MomentumSGD
 from models import archs
-from utils import checkpoint
-from utils.blas_threads import share_cores_between_ranks
-from utils.progress import ProgressBar
-from utils.stop_signals import StopSignals
-from utils.training_data import FirstExamples
-from utils.training_log import IntervalMeter, LogWriter, interval_summary, read_log
-from utils.training_step import MeteredClassifier, micro_batches
+from utils.training import checkpoint
+from utils.training.blas_threads import share_cores_between_ranks
+from utils.training.datasets import FirstExamples
+from utils.training.log import IntervalMeter, LogWriter, interval_summary, read_log
+from utils.training.progress import ProgressBar
+from utils.training.step import MeteredClassifier, micro_batches
+from utils.training.stop_signals import StopSignals
 
 
 class OneRank:
@@ -178,7 +178,7 @@ def test_progress_bar_shows_iteration_epoch_loss_lr_and_speed():
 
 def test_plots_are_written_for_one_run_and_for_an_overlay(tmp_path):
     pytest.importorskip("matplotlib")
-    from utils.training_plots import plot_runs
+    from utils.training.plots import plot_runs
 
     records = [{"iteration": i, "epoch": i / 2, "elapsed_time": i * 3.0,
                 "main/loss": 1.0 / i, "main/accuracy": 1 - 0.5 / i} for i in range(1, 5)]

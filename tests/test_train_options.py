@@ -6,7 +6,8 @@ import pathlib
 
 import pytest
 
-from utils.train_options import (
+from utils.training.optimizer import build_schedules, initial_lr
+from utils.training.options import (
     OptionError,
     build_parser,
     check_world,
@@ -14,7 +15,6 @@ from utils.train_options import (
     parse_options,
     read_config,
 )
-from utils.training_optimizer import build_schedules, initial_lr
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 

@@ -22,10 +22,10 @@ from kfac_mn import backend
 from kfac_mn.optimizers import MomentumSGD
 from models import archs
 from tests.test_communicators import find_mpiexec, run_mpi
-from utils import checkpoint
-from utils.sample_photos import write_photo_tree
-from utils.training_log import read_log
-from utils.training_step import MeteredClassifier
+from utils.data.sample_photos import write_photo_tree
+from utils.training import checkpoint
+from utils.training.log import read_log
+from utils.training.step import MeteredClassifier
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "train_imagenet.py"

@@ -1,28 +1,6 @@
-"""Input pipeline for ``train_imagenet.py``: datasets, decoding, augmentation and loading.
+"""What ``train_imagenet.py`` is built from, besides the library and the models.
 
-Modules, one job each:
-
-- ``image_decoding``: file -> lazily opened / decoded ``PIL.Image`` (RGB or L, optionally
-  at reduced JPEG scale) with errors that name the path.
-- ``pillow_pixels``: zero-copy NumPy views of decoded Pillow pixels.
-- ``image_file_dataset``, ``image_list``, ``image_folder``, ``mnist``: datasets in Chainer
-  style (``len(ds)``, ``ds[i] -> (float32 CHW image in [0, 1], int32 label)``), plus the
-  ``get_image(i)`` / ``get_label(i)`` pair the loader uses.
-- ``normalization``: per-channel mean/std (ImageNet, MNIST) or a Chainer mean image.
-- ``transforms``: per-example train / eval transforms (random-resized crop, flip,
-  random erasing; resize + centre crop), with OpenCV; ``scratch``: their per-thread work
-  arrays.
-- ``batch_augmentation``: mixup and label smoothing on whole batches.
-- ``seeding``: every random stream as a pure function of (seed, epoch, ...).
-- ``sharding``: which examples each MPI rank reads at each iteration.
-- ``batch_builder``, ``loader_workers``, ``loader``: the per-rank parallel loader
-  (``loader.ShardedLoader`` is the entry point).
-- ``error_notes``: context notes on exceptions (path of the example, worker traceback).
-- ``sample_photos``: small ImageNet-layout trees of real photos for tests and benchmarks.
-
-The training harness ``train_imagenet.py`` is built from these, plus its own modules:
-``train_options`` (flags, config files, checks), ``training_data`` (datasets and loaders of a
-run), ``training_optimizer`` (optimizer, hooks, schedules), ``training_step`` (one update, one
-validation), ``training_log``, ``training_plots``, ``progress``, ``checkpoint``,
-``stop_signals`` and ``blas_threads``.
+- :mod:`utils.data`: the input pipeline (datasets, decoding, augmentation, sharded loading).
+- :mod:`utils.training`: the training harness (options, the trainer and its update step,
+  checkpoints, log, plots, stop signals).
 """

@@ -14,10 +14,10 @@ from kfac_mn import Chain
 from kfac_mn import functions as F
 from kfac_mn import links as L
 from kfac_mn.communicators import create_communicator
-from utils.train_options import check_world, parse_options
-from utils.training_data import build_datasets, build_loaders
-from utils.training_optimizer import build_optimizer
-from utils.training_step import MeteredClassifier, UpdateStep, evaluate
+from utils.training.datasets import build_datasets, build_loaders
+from utils.training.optimizer import build_optimizer
+from utils.training.options import check_world, parse_options
+from utils.training.step import MeteredClassifier, UpdateStep, evaluate
 
 BATCH = 6
 UPDATES = 3

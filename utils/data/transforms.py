@@ -1,33 +1,34 @@
 """Per-example transforms: ``PIL.Image`` -> normalised float32 (C, H, W) array.
 
 A transform is called as ``transform(image, rng, out=None)``; ``rng`` is the example's own
-``numpy.random.Generator`` (see ``utils.seeding``), so its augmentation depends only on
+``numpy.random.Generator`` (see ``utils.data.seeding``), so its augmentation depends only on
 (seed, epoch, example index); ``out``, when given, is the float32 array to fill (a row
-of the batch). ``image`` may be decoded already or only opened (``utils.image_decoding.
+of the batch). ``image`` may be decoded already or only opened (``utils.data.image_decoding.
 open_image``): the transforms draw their random parameters from the header size, let a
 JPEG decode at a reduced scale where that loses nothing the output keeps (see
 ``draft_factor``), and then decode it.
 
 Cropping, resizing and flipping run with OpenCV on the 8-bit pixels, viewed without a copy
-(``utils.pillow_pixels``), into per-thread scratch arrays (``utils.scratch``); conversion to
-float happens once, at the output size, inside the normaliser. A crop is resized on its own,
-its edge pixels repeated where the filter reaches past it (torchvision's crop-then-resize;
-Pillow's ``resize(box=...)`` reads the pixels beyond the box instead, which changes only
-the outermost output pixels). Interpolations (``INTERPOLATIONS``): ``'bilinear'`` (the default) and
-``'bicubic'`` sample the source at the output pixel centres with a fixed 2 x 2 or 4 x 4
-kernel, so when they shrink an image they do not antialias (as torchvision's tensor resize
-with ``antialias=False``; Pillow's filters widen with the scale instead). ``'area'``
-averages the source pixels each output pixel covers, the antialiased choice for shrinking
-(e.g. the evaluation resize); ``'nearest'`` copies the source pixel under each centre.
+(``utils.data.pillow_pixels``), into per-thread scratch arrays (``utils.data.scratch``);
+conversion to float happens once, at the output size, inside the normaliser. A crop is
+resized on its own, its edge pixels repeated where the filter reaches past it
+(torchvision's crop-then-resize; Pillow's ``resize(box=...)`` reads the pixels beyond the
+box instead, which changes only the outermost output pixels). Interpolations
+(``INTERPOLATIONS``): ``'bilinear'`` (the default) and ``'bicubic'`` sample the source at
+the output pixel centres with a fixed 2 x 2 or 4 x 4 kernel, so when they shrink an image
+they do not antialias (as torchvision's tensor resize with ``antialias=False``; Pillow's
+filters widen with the scale instead). ``'area'`` averages the source pixels each output
+pixel covers, the antialiased choice for shrinking (e.g. the evaluation resize);
+``'nearest'`` copies the source pixel under each centre.
 """
 import math
 
 import cv2
 import numpy
 
-from utils.image_decoding import decode, reduce_while_decoding
-from utils.pillow_pixels import pixel_view
-from utils.scratch import ScratchArrays
+from utils.data.image_decoding import decode, reduce_while_decoding
+from utils.data.pillow_pixels import pixel_view
+from utils.data.scratch import ScratchArrays
 
 INTERPOLATIONS = {
     "bilinear": cv2.INTER_LINEAR,

@@ -5,9 +5,9 @@ worker, so the batch a rank gets never depends on where it was built.
 """
 import numpy
 
-from utils.error_notes import add_note
-from utils.image_decoding import CorruptImageError
-from utils.seeding import batch_rng, example_rng
+from utils.data.error_notes import add_note
+from utils.data.image_decoding import CorruptImageError
+from utils.data.seeding import batch_rng, example_rng
 
 
 class BatchCancelled(Exception):

@@ -18,8 +18,8 @@ import cv2
 import numpy
 from PIL import Image
 
-from utils.pillow_pixels import pixel_view
-from utils.scratch import ScratchArrays
+from utils.data.pillow_pixels import pixel_view
+from utils.data.scratch import ScratchArrays
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -35,8 +35,8 @@ from multiprocessing.util import Finalize
 import cv2
 import numpy
 
-from utils.batch_builder import BatchCancelled
-from utils.error_notes import add_note
+from utils.data.batch_builder import BatchCancelled
+from utils.data.error_notes import add_note
 
 _POLL_SECONDS = 0.2
 _JOIN_SECONDS = 10.0

@@ -12,13 +12,13 @@ Each training batch of a rank holds ``batchsize x acc_iters`` examples: exactly 
 """
 import os
 
-from utils.batch_augmentation import BatchAugmentation
-from utils.dataset_index import checked_index
-from utils.image_folder import ImageFolderDataset
-from utils.image_list import ImageListDataset
-from utils.loader import ShardedLoader
-from utils.mnist import MNISTDataset
-from utils.normalization import (
+from utils.data.batch_augmentation import BatchAugmentation
+from utils.data.dataset_index import checked_index
+from utils.data.image_folder import ImageFolderDataset
+from utils.data.image_list import ImageListDataset
+from utils.data.loader import ShardedLoader
+from utils.data.mnist import MNISTDataset
+from utils.data.normalization import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     MNIST_MEAN,
@@ -27,7 +27,7 @@ from utils.normalization import (
     MeanImageNormalizer,
     load_mean_image,
 )
-from utils.transforms import EvalTransform, RandomErasing, TrainTransform
+from utils.data.transforms import EvalTransform, RandomErasing, TrainTransform
 
 
 class FirstExamples:

@@ -23,11 +23,11 @@ Notation: ``n`` examples, ``size`` ranks, ``batch_size`` examples per rank, glob
    which is ``[i G + r batch_size, i G + (r + 1) batch_size)`` for a full batch.
 
 A consequence of 3: for a fixed global batch ``G`` the set of examples in iteration ``i``
-(and, with ``utils.seeding``, their augmentation) does not depend on how many ranks share it.
+(and, with ``utils.data.seeding``, their augmentation) does not depend on how many ranks share it.
 """
 import numpy
 
-from utils.seeding import permutation_rng
+from utils.data.seeding import permutation_rng
 
 LAST_BATCH_POLICIES = ("pad", "drop", "partial")
 

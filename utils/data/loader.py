@@ -2,9 +2,9 @@
 
 Each MPI rank makes its own ``ShardedLoader`` with its ``rank`` and the world ``size`` (plain
 ints, no MPI here). Every rank computes the same epoch permutation from ``(seed, epoch)``
-and reads only its shard of each global batch (``utils.sharding``); every example's
+and reads only its shard of each global batch (``utils.data.sharding``); every example's
 augmentation is drawn from ``(seed, epoch, index, repeat)`` and mixup from
-``(seed, epoch, iteration, rank)`` (``utils.seeding``). A batch is therefore a pure
+``(seed, epoch, iteration, rank)`` (``utils.data.seeding``). A batch is therefore a pure
 function of ``(seed, epoch, iteration, rank, size)``: the same on rerun, for any worker
 count, and after resuming from ``state_dict()``.
 """
@@ -12,10 +12,10 @@ import warnings
 
 import cv2
 
-from utils.batch_builder import BatchBuilder
-from utils.loader_workers import WorkerPool
-from utils.seeding import check_seed
-from utils.sharding import Sharding
+from utils.data.batch_builder import BatchBuilder
+from utils.data.loader_workers import WorkerPool
+from utils.data.seeding import check_seed
+from utils.data.sharding import Sharding
 
 _CHECKED_STATE = ("seed", "n_examples", "global_batch_size", "shuffle", "last_batch")
 
@@ -30,11 +30,11 @@ class ShardedLoader:
             the datasets in ``utils`` provide.
         batch_size: examples per rank and iteration.
         transform: ``transform(image, rng, out) -> float32 (C, H, W)``
-            (``utils.transforms``).
+            (``utils.data.transforms``).
         rank, size: this rank and the number of ranks.
         seed: non-negative int; the whole schedule and all augmentation derive from it.
         shuffle: draw a new permutation every epoch (else dataset order).
-        last_batch: ``'pad'``, ``'drop'`` or ``'partial'`` (see ``utils.sharding``).
+        last_batch: ``'pad'``, ``'drop'`` or ``'partial'`` (see ``utils.data.sharding``).
         repeat: iterate over epochs forever (training) or stop after one (evaluation).
         n_workers: worker processes; 0 builds batches in this process, on demand (and
             sets OpenCV in this process to one thread, as the workers do). With workers,
@@ -42,7 +42,7 @@ class ShardedLoader:
             reused only once no array views it any more.
         prefetch: batches in flight per worker.
         augmentation: batch-level ``augmentation(x, labels, rng)``, e.g.
-            ``utils.batch_augmentation.BatchAugmentation``; ``None`` keeps int labels.
+            ``utils.data.batch_augmentation.BatchAugmentation``; ``None`` keeps int labels.
         skip_corrupt: leave undecodable images out of their batch (counted in
             ``n_skipped``, each file warned about once) instead of raising.
         start_method: multiprocessing start method for the workers (``None``: the default;

@@ -1,7 +1,7 @@
 """Chainer's list-file layout: one ``<relative path> <integer label>`` per line."""
 import os
 
-from utils.image_file_dataset import ImageFileDataset, check_readable_directory
+from utils.data.image_file_dataset import ImageFileDataset, check_readable_directory
 
 
 def read_image_list(list_path, n_class=None):

@@ -3,8 +3,8 @@ import os
 
 import numpy
 
-from utils.dataset_index import checked_index
-from utils.image_decoding import decode_rgb, image_to_chw, open_image
+from utils.data.dataset_index import checked_index
+from utils.data.image_decoding import decode_rgb, image_to_chw, open_image
 
 
 def check_readable_directory(path, what):
@@ -22,7 +22,7 @@ class ImageFileDataset:
 
     Chainer-style: ``len(ds)`` and ``ds[i] -> (image, label)`` with the image a float32
     (3, H, W) array in [0, 1] and the label an int32. The loader instead calls
-    ``get_image(i)`` (the file opened lazily, ``utils.image_decoding.open_image``: header
+    ``get_image(i)`` (the file opened lazily, ``utils.data.image_decoding.open_image``: header
     read, pixels not decoded) and ``get_label(i)`` and lets a transform decode and convert,
     so that it can choose a reduced JPEG decode and crop and resize 8-bit pixels.
 
@@ -53,7 +53,7 @@ class ImageFileDataset:
         return int(self._labels[self._index(i)])
 
     def get_image(self, i):
-        """Example ``i`` opened lazily; decode it with ``utils.image_decoding.decode`` (or a
+        """Example ``i`` opened lazily; decode it with ``utils.data.image_decoding.decode`` (or a
         transform), and close it with ``with`` when it may stay undecoded."""
         return open_image(self.path(i))
 
