@@ -1,5 +1,6 @@
 """Models of the experiments; ``archs`` maps a name to a factory taking
-``(n_class=..., in_channels=...)``."""
+``(n_class=..., in_channels=...)``.  ``models.torch_resnet50`` (imported on demand, it needs
+PyTorch) is the PyTorch twin of ResNet-50 that the speed benchmarks compare with."""
 import functools
 
 from models.resnet_imagenet import ResNetImageNet, resnet18, resnet50  # noqa: F401

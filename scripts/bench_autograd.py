@@ -71,8 +71,8 @@ def run_ours(args):
 def run_torch(args):
     import torch
 
-    sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    from torch_resnet50 import TorchResNet50
+    sys.path.insert(0, ROOT)
+    from models.torch_resnet50 import TorchResNet50
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

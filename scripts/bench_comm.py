@@ -2,7 +2,7 @@
 
 Part 1, computed from ResNet-50's layer shapes (107 K-FAC layers, 25.6M parameters) for a step
 that refreshes every layer, under the ring model of ``kfac_mn.communicators.traffic`` (bytes
-one rank sends; the most loaded rank), for N ranks:
+one rank sends; the most loaded rank; :mod:`kfac_mn.cost_model.bytes_per_step`), for N ranks:
 
   (a) allreduce of the full factors (A, G, BN diagonal) and the gradients, float32;
   (b) the authors' scheme: the packed buffer (gradients + upper triangles) all-reduced (their
@@ -28,7 +28,6 @@ rank's longer stage 1).  Prints tables, then one JSON line.
 import argparse
 import functools
 import json
-import math
 import os
 import sys
 import time
@@ -38,13 +37,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 import models  # noqa: E402
-from kfac_mn.communicators import traffic  # noqa: E402
 from kfac_mn.communicators.mpiexec import inside_mpi_job, run_under_mpiexec  # noqa: E402
-from kfac_mn.distributed import assignment, packed_layout  # noqa: E402
+from kfac_mn.cost_model.bytes_per_step import (  # noqa: E402
+    allreduce_sent,
+    full_and_packed_sizes,
+    ours_per_rank,
+)
+from kfac_mn.distributed import assignment  # noqa: E402
 from kfac_mn.distributed.work_items import build_work_items  # noqa: E402
 from kfac_mn.fisher import build_fisher_blocks  # noqa: E402
-
-FLOAT64 = 8
 
 
 def parse_args(argv=None):
@@ -64,56 +65,10 @@ def parse_args(argv=None):
 
 
 # -- part 1: bytes from the layer shapes ------------------------------------------------
-def work_items_of(model):
-    return build_work_items(model, build_fisher_blocks(model))
-
-
-def full_and_packed_sizes(items):
-    """(gradient values, full statistic values, packed statistic values) of all items."""
-    gradients = sum(item.gradient_size() for item in items)
-    full = packed = 0
-    for item in items:
-        for name, shape in item.statistic_shapes().items():
-            full += math.prod(shape)
-            packed += assignment.packed_size(shape, item.block.symmetric[name])
-    return gradients, full, packed
-
-
-def allreduce_sent(count, itemsize, size):
-    """Bytes the most loaded rank sends in a ring all-reduce of ``count`` values."""
-    return max(traffic.ring_allreduce_bytes(count, itemsize, size, rank)[0]
-               for rank in range(size))
-
-
-def ours_per_rank(items, owners, size, comm_dtype, adaptive=False):
-    """[(sent, received)] per rank of one DistributedKFAC step refreshing every layer."""
-    itemsize = np.dtype(comm_dtype).itemsize
-    half = np.dtype(comm_dtype) == np.float16
-    due = [item.name for item in items if item.block is not None]
-    stage2 = packed_layout.reduce_scatter_segments(items, owners, due)
-    stage4 = packed_layout.allgather_segments(items, owners)
-    # the agreement vector: 2 header values, a count per statistic, a bound per segment (fp16)
-    side = 2 + sum(segment.kind == "stat" for segment in stage2) + (len(stage2) if half else 0)
-    rs_counts = packed_layout.counts_by_owner(stage2, size)
-    ag_counts = packed_layout.counts_by_owner(stage4, size)
-    for segment in stage4:  # the trailer: scale exponents and schedule state of the owner
-        ag_counts[segment.owner] += 1 if half else 0
-    if adaptive:
-        for item, owner in zip(items, owners):
-            ag_counts[owner] += 2 if item.block is not None else 0
-    totals = []
-    for rank in range(size):
-        parts = [traffic.ring_allgather_bytes([side * FLOAT64] * size, rank),
-                 traffic.ring_reduce_scatter_bytes([c * itemsize for c in rs_counts], rank),
-                 traffic.ring_allgather_bytes([c * itemsize for c in ag_counts], rank)]
-        totals.append((sum(p[0] for p in parts), sum(p[1] for p in parts)))
-    return totals
-
-
 def computed_table(ranks_list):
     np.random.seed(0)
     model = models.archs["resnet50"]()
-    items = work_items_of(model)
+    items = build_work_items(model, build_fisher_blocks(model))
     gradients, full, packed = full_and_packed_sizes(items)
     costs = [assignment.estimated_cost(item) for item in items]
     rows = []
@@ -244,7 +199,7 @@ def check_against_model(result):
     """Do the measured bytes of each rank equal part 1's formulas for this model?"""
     np.random.seed(0)
     model = models.resnet_mnist()
-    items = work_items_of(model)
+    items = build_work_items(model, build_fisher_blocks(model))
     costs = [assignment.estimated_cost(item) for item in items]
     owners = assignment.assign_balanced(costs, result["ranks"])
     agree = {}

@@ -8,7 +8,7 @@ its own subprocess (its own GPU memory pool, its own failure):
 * ``ours``: our ResNet-50 (``models.resnet50``, the paper's v1 with the stride in the 1x1
   convolution) forward + backward, median seconds over ``--iters`` after ``--warmup``; plus a
   per-function profile of one step (TimerHook, synchronised).
-* ``torch``: the PyTorch twin of the same network (``scripts/torch_resnet50.py``), strict
+* ``torch``: the PyTorch twin of the same network (``models/torch_resnet50.py``), strict
   float32 (TF32 off for cuDNN and cuBLAS, cuDNN autotuning off: PyTorch's defaults except
   TF32); beside it, as information, cuDNN autotuning on, TF32 on (PyTorch's cuDNN default),
   and torchvision's ResNet-50 (v1.5) when torchvision is installed.  Without torch, or
@@ -97,8 +97,8 @@ def run_torch(args):
     if not torch.cuda.is_available():
         return {"error": f"torch {torch.__version__} has no usable CUDA device "
                          f"(torch.version.cuda = {torch.version.cuda})"}
-    sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    from torch_resnet50 import TorchResNet50
+    sys.path.insert(0, ROOT)
+    from models.torch_resnet50 import TorchResNet50
 
     device = torch.device("cuda")
     torch.manual_seed(0)

@@ -4,12 +4,12 @@
                                         [--epochs 5 10 20 50] [--out result/small_scale]
 
 For each global batch (60,000 = the whole training set, one step per epoch) both optimizers
-train ``resnet_mnist`` in one process with ``scripts/compare_optimizers.py``'s own training
+train ``resnet_mnist`` in one process with ``scripts/comparison.py``'s own training
 function (same initial weights, data order, lr warm-up then polynomial decay with momentum
 scaled down with the lr, weight rescaling, precise-BN evaluation).  The learning-rate grids
 (``--sgd-lrs``, ``--kfac-lrs``) are given for a batch of ``--reference-batch`` and scaled to each
 batch by ``--lr-scaling``; with more than one value per grid each value is tried for
-``--tune-epochs`` epochs and the best test accuracy wins (compare_optimizers.py's protocol),
+``--tune-epochs`` epochs and the best test accuracy wins (comparison.py's protocol),
 with one value it is used as is.  The test accuracy is measured about ``--evals`` times per run.
 
 Prints the table (per batch and optimizer: lr, epochs and training seconds to 98% and 99% test
@@ -24,11 +24,9 @@ import math
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import compare_optimizers  # noqa: E402
+from utils.training import comparison  # noqa: E402
 
 OPTIMIZERS = ("sgd", "kfac")
 LR_SCALINGS = {"none": lambda ratio: 1.0, "sqrt": math.sqrt, "linear": lambda ratio: ratio}
@@ -36,7 +34,7 @@ LR_SCALINGS = {"none": lambda ratio: 1.0, "sqrt": math.sqrt, "linear": lambda ra
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    compare_optimizers.add_training_arguments(parser)
+    comparison.add_training_arguments(parser)
     parser.add_argument("--batchsizes", type=int, nargs="+", default=[1024, 4096, 16384, 60000])
     parser.add_argument("--epochs", type=float, nargs="+", default=[5, 10, 20, 50],
                         help="epoch budget per batch size (one value: the same for all)")
@@ -68,7 +66,7 @@ def parse_args(argv=None):
 
 
 def run_args(args, batchsize, epochs):
-    """The namespace compare_optimizers.train reads, for one batch size."""
+    """The namespace :func:`utils.training.comparison.train` reads, for one batch size."""
     train_examples = args.train_examples or 60000
     if batchsize > train_examples:
         raise SystemExit(f"--batchsizes {batchsize} is larger than the {train_examples} "
@@ -84,25 +82,25 @@ def run_args(args, batchsize, epochs):
 
 
 def load_data(args):
-    (x_train, t_train) = compare_optimizers.load_split("train")
-    (x_test, t_test) = compare_optimizers.load_split("test")
+    (x_train, t_train) = comparison.load_split("train")
+    (x_test, t_test) = comparison.load_split("test")
     n_train, n_test = args.train_examples or len(x_train), args.test_examples or len(x_test)
     data = (x_train[:n_train], t_train[:n_train]), (x_test[:n_test], t_test[:n_test])
-    return compare_optimizers.to_device(data, args.device)
+    return comparison.to_device(data, args.device)
 
 
 def tuned_run(name, grid, run, tune_epochs, data):
-    """compare_optimizers.py's protocol: the best lr of a short run, then the full run."""
+    """comparison.py's protocol: the best lr of a short run, then the full run."""
     trials = []
     if len(grid) > 1:
         for lr in grid:
-            curve, finite = compare_optimizers.train(name, lr, tune_epochs, run, data)
+            curve, finite = comparison.train(name, lr, tune_epochs, run, data)
             trials.append({"lr": lr, "accuracy": curve[-1][2] if finite else None})
         best = max(trials, key=lambda trial: (trial["accuracy"] is not None,
                                               trial["accuracy"] or 0.0, -trial["lr"]))["lr"]
     else:
         best = grid[0]
-    curve, finite = compare_optimizers.train(name, best, run.epochs, run, data)
+    curve, finite = comparison.train(name, best, run.epochs, run, data)
     return {"lr": best, "tuning": trials, "curve": curve, "diverged": not finite}
 
 
@@ -110,15 +108,15 @@ def summary_row(batchsize, name, result):
     row = {"batchsize": batchsize, "optimizer": name, "lr": result["lr"],
            "final_accuracy": result["curve"][-1][2], "train_seconds": result["curve"][-1][1],
            "diverged": result["diverged"]}
-    for target in compare_optimizers.TARGETS:
-        epoch, seconds = compare_optimizers.first_reaching(result["curve"], target)
+    for target in comparison.TARGETS:
+        epoch, seconds = comparison.first_reaching(result["curve"], target)
         key = str(int(target * 100))
         row[f"epochs_to_{key}"], row[f"seconds_to_{key}"] = epoch, seconds
     return row
 
 
 def print_table(rows):
-    targets = [str(int(t * 100)) for t in compare_optimizers.TARGETS]
+    targets = [str(int(t * 100)) for t in comparison.TARGETS]
     print(f"{'batch':>6} {'optimizer':>9} {'lr':>8} "
           + " ".join(f"{'ep@' + t + '%':>8} {'s@' + t + '%':>8}" for t in targets)
           + f" {'final acc':>10} {'train s':>8}")
@@ -145,7 +143,7 @@ def plot(results, rows, path):
             epochs, _, accuracy = zip(*results[batchsize][name]["curve"])
             label = f"{name} lr {results[batchsize][name]['lr']:.3g}"
             ax.plot(epochs, accuracy, marker=".", label=label)
-        for target in compare_optimizers.TARGETS:
+        for target in comparison.TARGETS:
             ax.axhline(target, color="grey", lw=0.6, ls="--")
         ax.set_title(f"batch {batchsize}")
         ax.set_xlabel("epoch")
@@ -185,7 +183,7 @@ def main(argv=None):
             result = tuned_run(name, grid, run, min(args.tune_epochs, epochs), data)
             results[batchsize][name] = result
             rows.append(summary_row(batchsize, name, result))
-    device = compare_optimizers.describe_device(args.device)
+    device = comparison.describe_device(args.device)
     print(f"\n{args.arch}, {len(data[0][0]):,} training / {len(data[1][0]):,} test examples, "
           f"one process on {device}; lr grids for batch {args.reference_batch} scaled by "
           f"{args.lr_scaling}")

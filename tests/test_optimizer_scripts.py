@@ -30,8 +30,11 @@ def test_bench_kfac_measures_one_stale_cycle():
     assert stages["kfac_every_step"]["inversion"] > 0
     assert 0 < stages["kfac_stale"]["inversion"] < stages["kfac_every_step"]["inversion"]
     assert stages["sgd"]["inversion"] == 0.0 and stages["sgd"]["factors"] == 0.0
-    assert figures["stale_ratio"] == pytest.approx(figures["kfac_stale_s"] / figures["sgd_s"],
-                                                   rel=1e-2)
+    # the seconds are rounded to 4 decimals and the ratio to 3: the ratio of the rounded
+    # seconds brackets it (a fast SGD step of 2 ms is only known to 2.5%)
+    stale, sgd, half = figures["kfac_stale_s"], figures["sgd_s"], 5e-5
+    assert (stale - half) / (sgd + half) - 5e-4 <= figures["stale_ratio"] <= \
+        (stale + half) / (sgd - half) + 5e-4
     assert figures["device"] == "CPU" and figures["adaptive"] is False
     # the floor: 2 (O^2 K + O K^2) per weight matrix (bias as one more input column)
     flop = 0
@@ -41,8 +44,9 @@ def test_bench_kfac_measures_one_stale_cycle():
             in_size = link.W.size // out_size + (getattr(link, "b", None) is not None)
             flop += 2 * (out_size ** 2 * in_size + out_size * in_size ** 2)
     assert figures["precondition_gflop"] == pytest.approx(flop / 1e9, rel=1e-3)
-    floor = 1 + stages["kfac_stale"]["precondition"] / figures["sgd_s"]
-    assert figures["precondition_floor_ratio"] == pytest.approx(floor, rel=1e-2)
+    precondition = stages["kfac_stale"]["precondition"]
+    assert 1 + (precondition - half) / (sgd + half) - 5e-4 <= \
+        figures["precondition_floor_ratio"] <= 1 + (precondition + half) / (sgd - half) + 5e-4
 
 
 def test_small_scale_table_runs_every_batch_and_optimizer(tmp_path):

@@ -1,6 +1,6 @@
-"""scripts/scale_model.py: the cost model's formulas, its trace of a model, and its modes."""
+"""kfac_mn.cost_model: the formulas, the trace of a model, the comparison with measured runs,
+and scripts/scale_model.py's modes end to end."""
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -11,46 +11,57 @@ import sys
 import numpy as np
 import pytest
 
+import models
 from kfac_mn import Chain
 from kfac_mn import functions as F
 from kfac_mn import links as L
+from kfac_mn.cost_model import (
+    bytes_per_step,
+    calibration,
+    comparison,
+    paper,
+    stage_costs,
+    trace,
+)
+from kfac_mn.cost_model import machine as machine_module
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location("scale_model",
-                                               os.path.join(REPO, "scripts", "scale_model.py"))
-scale_model = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(scale_model)
+MACHINE = dataclasses.replace(machine_module.V100_EDR, alpha=1e-6, bandwidth=1e9)
 
-MACHINE = dataclasses.replace(scale_model.V100_EDR, alpha=1e-6, bandwidth=1e9)
+
+def trace_arch(arch, size=None, in_channels=3, n_class=1000):
+    np.random.seed(0)
+    model = models.archs[arch](n_class=n_class, in_channels=in_channels)
+    return trace.trace_model(model, arch, size or model.insize, in_channels)
 
 
 @pytest.fixture(scope="module")
 def mnist():
-    return scale_model.trace_model("resnet_mnist", None, 1, 10)
+    return trace_arch("resnet_mnist", None, 1, 10)
 
 
 def test_ring_time_is_paid_at_the_largest_segment():
     call = MACHINE.call_overhead
-    assert scale_model.ring_seconds([400], MACHINE) == 0.0
-    equal = scale_model.ring_seconds([250] * 4, MACHINE)
+    assert stage_costs.ring_seconds([400], MACHINE) == 0.0
+    equal = stage_costs.ring_seconds([250] * 4, MACHINE)
     # one call's overhead, then (P-1) a + (P-1)/P B / bw
     assert equal == pytest.approx(call + 3 * 1e-6 + 3 / 4 * 1000 / 1e9)
-    assert scale_model.ring_seconds([100, 700, 100, 100], MACHINE) == pytest.approx(
+    assert stage_costs.ring_seconds([100, 700, 100, 100], MACHINE) == pytest.approx(
         call + 3 * (1e-6 + 700 / 1e9))
 
 
 def test_allreduce_time_is_the_textbook_ring():
-    assert scale_model.allreduce_seconds(1000, 1, MACHINE) == 0.0
-    assert scale_model.allreduce_seconds(1000, 4, MACHINE) == pytest.approx(
+    assert stage_costs.allreduce_seconds(1000, 1, MACHINE) == 0.0
+    assert stage_costs.allreduce_seconds(1000, 4, MACHINE) == pytest.approx(
         MACHINE.call_overhead + 2 * 3 * 1e-6 + 2 * 3 / 4 * 1000 / 1e9)
 
 
 def test_packing_costs_per_tensor_and_value():
     full, half = (dataclasses.replace(MACHINE, comm_bytes=n) for n in (4, 2))
-    assert scale_model.packing_seconds(3, 1000, 2, 100, full) == pytest.approx(
+    assert stage_costs.packing_seconds(3, 1000, 2, 100, full) == pytest.approx(
         3 * MACHINE.pack_grad + 1000 * MACHINE.pack_grad_value + 2 * MACHINE.pack_stat
         + 100 * MACHINE.pack_stat_value)
-    assert scale_model.packing_seconds(3, 1000, 2, 100, half) == pytest.approx(
+    assert stage_costs.packing_seconds(3, 1000, 2, 100, half) == pytest.approx(
         3 * MACHINE.half_pack_grad + 1000 * MACHINE.half_pack_grad_value
         + 2 * MACHINE.half_pack_stat + 100 * MACHINE.half_pack_stat_value)
 
@@ -71,7 +82,7 @@ def test_packing_parameters_recover_the_costs_they_were_built_from():
                 "stage4_values": grad_values, "stage4_s": call + grad_work,
                 "stage2_s": 2 * call + grad_work + stats * per_stat
                 + stat_values * per_stat_value}
-    fitted = scale_model.packing_parameters([sample, sample], alpha)
+    fitted = calibration.packing_parameters([sample, sample], alpha)
     assert fitted["call_overhead"] == pytest.approx(call)
     for prefix, dtype in (("", "float32"), ("half_", "float16")):
         found = [fitted[prefix + name] for name in ("pack_grad", "pack_grad_value",
@@ -94,10 +105,10 @@ class TinyNet(Chain):
 def test_shape_trace_counts_gemm_flops_and_patches():
     model = TinyNet()
     x = np.zeros((1, 2, 8, 8), dtype=np.float32)
-    trace = scale_model.ShapeTrace(x)
-    with trace:
+    shapes = trace.ShapeTrace(x)
+    with shapes:
         model(x)
-    by_label = {call.label: call for call in trace.calls}
+    by_label = {call.label: call for call in shapes.calls}
     assert list(by_label) == ["Convolution2DFunction", "BatchNormalization", "ReLU", "Reshape",
                               "LinearFunction"]
     conv, bn, relu, fc = (by_label[label] for label in (
@@ -120,43 +131,43 @@ def test_trace_of_resnet_mnist_matches_its_parameters(mnist):
 
 
 def test_layout_holds_every_gradient_and_packed_statistic(mnist):
-    plan = scale_model.layout(mnist, 3, "balanced", half=False, adaptive=False)
-    gradients, _, packed = scale_model.bench_comm.full_and_packed_sizes(mnist.items)
+    plan = stage_costs.layout(mnist, 3, "balanced", half=False, adaptive=False)
+    gradients, _, packed = bytes_per_step.full_and_packed_sizes(mnist.items)
     assert sum(plan.gradients) == gradients and sum(plan.statistics) == packed
     assert plan.trailer == [0, 0, 0]
-    half = scale_model.layout(mnist, 3, "balanced", half=True, adaptive=True)
+    half = stage_costs.layout(mnist, 3, "balanced", half=True, adaptive=True)
     assert sum(half.trailer) == sum(len(item.params) for item in mnist.items) + 2 * len(
         mnist.call_of)
 
 
 def test_iteration_stages(mnist):
-    compute = scale_model.modelled_compute(mnist, MACHINE, 32)
-    one = scale_model.iteration(mnist, compute, MACHINE, 1, "kfac_every_step")
-    plan = scale_model.layout(mnist, 1, "balanced", half=False, adaptive=False)
-    assert one["reduce_scatter"] == pytest.approx(scale_model.packing_seconds(  # no messages
+    compute = stage_costs.modelled_compute(mnist, MACHINE, 32)
+    one = stage_costs.iteration(mnist, compute, MACHINE, 1, "kfac_every_step")
+    plan = stage_costs.layout(mnist, 1, "balanced", half=False, adaptive=False)
+    assert one["reduce_scatter"] == pytest.approx(stage_costs.packing_seconds(  # no messages
         plan.grad_segments, sum(plan.gradients), plan.stat_segments, sum(plan.statistics),
         MACHINE))
-    assert one["allgather"] == pytest.approx(scale_model.packing_seconds(
+    assert one["allgather"] == pytest.approx(stage_costs.packing_seconds(
         plan.grad_segments, sum(plan.gradients), 0, 0, MACHINE))
     owner_total = sum(inv + pre for inv, pre in compute.owner.values())
     assert one["owner_work"] == pytest.approx(owner_total)
     many = len(mnist.items) + 5
-    wide = scale_model.iteration(mnist, compute, MACHINE, many, "kfac_every_step")
+    wide = stage_costs.iteration(mnist, compute, MACHINE, many, "kfac_every_step")
     assert wide["owner_work"] == pytest.approx(max(inv + pre
                                                    for inv, pre in compute.owner.values()))
     assert wide["reduce_scatter"] > 0 and wide["allgather"] > 0
-    stale = scale_model.iteration(mnist, compute, MACHINE, 1, "kfac_stale", stale_interval=4)
+    stale = stage_costs.iteration(mnist, compute, MACHINE, 1, "kfac_stale", stale_interval=4)
     assert stale["factors"] == pytest.approx(one["factors"] / 4)
     assert stale["owner_work"] == pytest.approx(sum(inv / 4 + pre
                                                     for inv, pre in compute.owner.values()))
-    sgd = scale_model.iteration(mnist, compute, MACHINE, 4, "sgd")
+    sgd = stage_costs.iteration(mnist, compute, MACHINE, 4, "sgd")
     assert sgd["factors"] == sgd["owner_work"] == sgd["allgather"] == 0.0
     assert sgd["reduce_scatter"] == pytest.approx(
-        scale_model.allreduce_seconds(mnist.parameters * MACHINE.comm_bytes, 4, MACHINE))
+        stage_costs.allreduce_seconds(mnist.parameters * MACHINE.comm_bytes, 4, MACHINE))
 
 
 def test_forward_backward_grows_linearly_with_the_batch(mnist):
-    at = {b: scale_model.forward_backward_seconds(mnist, MACHINE, b) for b in (8, 16, 32)}
+    at = {b: stage_costs.forward_backward_seconds(mnist, MACHINE, b) for b in (8, 16, 32)}
     assert at[32] - at[16] == pytest.approx(2 * (at[16] - at[8]))
 
 
@@ -174,22 +185,21 @@ def bench_kfac_json(path, batchsize=16):
 
 def test_measured_compute_reproduces_its_own_run_and_scales(tmp_path, mnist):
     measured = bench_kfac_json(tmp_path / "kfac.json")
-    same = scale_model.measured_compute(mnist, MACHINE, 16, measured)
+    same = stage_costs.measured_compute(mnist, MACHINE, 16, measured)
     assert same.forward_backward == pytest.approx(0.03)
     assert same.factors == pytest.approx(0.005)
     assert sum(inv for inv, _ in same.owner.values()) == pytest.approx(0.004)
     assert sum(pre for _, pre in same.owner.values()) == pytest.approx(0.001)
-    double = scale_model.measured_compute(mnist, MACHINE, 32, measured)
+    double = stage_costs.measured_compute(mnist, MACHINE, 32, measured)
     assert double.forward_backward == pytest.approx(0.06)
     assert double.owner == same.owner and double.update == same.update
 
 
 def test_compare_bench_kfac_at_its_own_batch_is_exact(tmp_path):
     measured = bench_kfac_json(tmp_path / "kfac.json")
-    args = scale_model.parse_args(["--in-channels", "1", "--n-class", "10"])
-    rows = scale_model.comparison_rows(measured, MACHINE, args, measured)
+    rows = comparison.comparison_rows(measured, MACHINE, trace_arch, 1, 10, measured)
     kfac = [row for row in rows if "kfac_every_step" in row[0]]
-    assert [row[1] for row in kfac] == list(scale_model.BENCH_KFAC_MAP)
+    assert [row[1] for row in kfac] == list(comparison.BENCH_KFAC_MAP)
     for _, _, model, found in kfac:
         assert model == pytest.approx(found)
     sgd = [row for row in rows if " sgd " in row[0]]
@@ -200,17 +210,16 @@ def test_compare_bench_kfac_at_its_own_batch_is_exact(tmp_path):
 def test_compare_bench_comm_takes_the_slowest_rank(mnist):
     def rank(seconds):
         return {"seconds_per_step": 0.1, "stages": {
-            name: {"seconds": seconds, "collectives": {}} for name in scale_model.KFAC_STAGE_MAP}}
+            name: {"seconds": seconds, "collectives": {}} for name in comparison.KFAC_STAGE_MAP}}
     measured = {"measured": {"ranks": 2, "batch": 32, "results": {
         "float32": [rank(0.01), rank(0.03)], "float16": [rank(0.02), rank(0.01)]}}}
-    args = scale_model.parse_args([])
     # the same per-tensor packing costs for both dtypes: float16 then only halves the bytes
     same = dataclasses.replace(MACHINE, **{"half_" + name: getattr(MACHINE, name) for name in (
         "pack_grad", "pack_grad_value", "pack_stat", "pack_stat_value")})
-    rows = scale_model.comparison_rows(measured, same, args)
+    rows = comparison.comparison_rows(measured, same, trace_arch)
     assert len(rows) == 12
     assert {row[3] for row in rows if row[1] == "step"} == {0.1}
-    waiting = scale_model.WAITING_STAGES
+    waiting = comparison.WAITING_STAGES
     for dtype, slowest, fastest in (("float32", 0.03, 0.01), ("float16", 0.02, 0.01)):
         found = {row[1]: row[3] for row in rows if dtype in row[0] and row[1] != "step"}
         assert found == {name: fastest if name in waiting else slowest for name in found}
@@ -222,37 +231,37 @@ def test_compare_bench_comm_takes_the_slowest_rank(mnist):
 
 
 def test_compare_rejects_an_unknown_json():
-    with pytest.raises(SystemExit, match="neither bench_kfac.py"):
-        scale_model.comparison_rows({"x": 1}, MACHINE, scale_model.parse_args([]))
+    with pytest.raises(ValueError, match="neither bench_kfac.py"):
+        comparison.comparison_rows({"x": 1}, MACHINE, trace_arch)
 
 
 def test_machine_json_errors_name_the_key(tmp_path):
-    good = {name: getattr(scale_model.V100_EDR, name) for name in scale_model.MACHINE_FIELDS}
+    good = {name: getattr(machine_module.V100_EDR, name) for name in machine_module.MACHINE_FIELDS}
     path = tmp_path / "m.json"
     path.write_text(json.dumps({**good, "note": "x"}))
-    assert scale_model.load_machine(str(path)) == scale_model.V100_EDR
+    assert machine_module.load_machine(str(path)) == machine_module.V100_EDR
     path.write_text(json.dumps({**good, "flopz": 1}))
-    with pytest.raises(SystemExit, match=r"unknown keys \['flopz'\]"):
-        scale_model.load_machine(str(path))
+    with pytest.raises(ValueError, match=r"unknown keys \['flopz'\]"):
+        machine_module.load_machine(str(path))
     path.write_text(json.dumps({**good, "alpha": -1}))
-    with pytest.raises(SystemExit, match="'alpha' must be a positive number"):
-        scale_model.load_machine(str(path))
+    with pytest.raises(ValueError, match="'alpha' must be a positive number"):
+        machine_module.load_machine(str(path))
     path.write_text(json.dumps({**good, "im2col": 1}))
-    with pytest.raises(SystemExit, match="'im2col' must be true or false"):
-        scale_model.load_machine(str(path))
+    with pytest.raises(ValueError, match="'im2col' must be true or false"):
+        machine_module.load_machine(str(path))
 
 
 def test_paper_estimates_use_the_paper_iterations():
-    row = {"ranks": 1024, **{mode: {"total": 0.5} for mode in scale_model.MODES}}
-    estimates = scale_model.paper_estimates(row, 32)
-    paper = estimates["45 epochs (paper: 1,760 iterations)"]
-    assert paper["iterations"] == 1760 and paper["sgd"] == pytest.approx(1760 * 0.5 / 60)
+    row = {"ranks": 1024, **{mode: {"total": 0.5} for mode in stage_costs.MODES}}
+    estimates = paper.paper_estimates(row, 32)
+    run = estimates["45 epochs (paper: 1,760 iterations)"]
+    assert run["iterations"] == 1760 and run["sgd"] == pytest.approx(1760 * 0.5 / 60)
     assert estimates["35 epochs"]["iterations"] == math.ceil(35 * 1_281_167 / 32768)
 
 
 def test_command_line_run_writes_table_plot_and_json(tmp_path):
     machine = tmp_path / "machine.json"
-    values = {name: getattr(MACHINE, name) for name in scale_model.MACHINE_FIELDS}
+    values = {name: getattr(MACHINE, name) for name in machine_module.MACHINE_FIELDS}
     machine.write_text(json.dumps(values))
     done = subprocess.run(
         [sys.executable, "scripts/scale_model.py", "--arch", "resnet_mnist", "--in-channels",
@@ -287,7 +296,7 @@ def test_calibrate_measures_every_machine_field(tmp_path):
                           env={**os.environ, "OPENBLAS_NUM_THREADS": "1",
                                "HYDRA_LAUNCHER": "fork"})
     assert done.returncode == 0, done.stdout + done.stderr
-    machine = scale_model.load_machine(str(path))
+    machine = machine_module.load_machine(str(path))
     assert machine.comm_bytes == 4 and machine.im2col is True
     assert machine.call_overhead > 0 and machine.half_pack_stat_value > 0
 
@@ -295,9 +304,9 @@ def test_calibrate_measures_every_machine_field(tmp_path):
 def test_measured_running_factors_go_to_the_owners(tmp_path, mnist):
     measured = bench_kfac_json(tmp_path / "kfac.json")
     measured["stages"]["kfac_every_step"]["running_factors"] = 0.003
-    compute = scale_model.measured_compute(mnist, MACHINE, 16, measured)
+    compute = stage_costs.measured_compute(mnist, MACHINE, 16, measured)
     assert compute.factors == pytest.approx(0.005)  # this step's statistics only
     assert sum(inv for inv, _ in compute.owner.values()) == pytest.approx(0.004 + 0.003)
-    one, two = (scale_model.iteration(mnist, compute, MACHINE, size, "kfac_every_step")
+    one, two = (stage_costs.iteration(mnist, compute, MACHINE, size, "kfac_every_step")
                 for size in (1, 2))
     assert two["owner_work"] < one["owner_work"] == pytest.approx(0.004 + 0.003 + 0.001)
