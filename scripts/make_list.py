@@ -13,22 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils.data.image_folder import scan_class_folders  # noqa: E402
-
-
-def write_image_list(root, list_path, classes_path=None):
-    """Scan ``root`` and write the list file (and the class names); return the count."""
-    class_names, paths, labels = scan_class_folders(root)
-    for path in paths:
-        if len(path.split()) != 1:
-            raise ValueError(f"{os.path.join(root, path)}: a list file cannot hold a path "
-                             "with whitespace (fields are whitespace-separated)")
-    with open(list_path, "w", encoding="utf-8") as stream:
-        stream.writelines(f"{path} {label}\n" for path, label in zip(paths, labels))
-    if classes_path is not None:
-        with open(classes_path, "w", encoding="utf-8") as stream:
-            stream.writelines(f"{name}\n" for name in class_names)
-    return len(paths)
+from utils.data.image_list import write_image_list  # noqa: E402
 
 
 def main(argv=None):

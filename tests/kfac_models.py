@@ -83,3 +83,35 @@ def explicit_patches(x, ksize, stride, pad, bias):
                     row = np.append(row, 1.0)
                 rows[i, p * ow + q] = row
     return rows
+
+
+class MixNet(Chain):
+    """A user-registered layer type (``tests.new_layer_type.ChannelMix``) -> relu -> linear."""
+
+    def __init__(self, in_channels=3, channels=4, length=5, n_class=3):
+        from tests.new_layer_type import ChannelMix
+
+        super().__init__()
+        with self.init_scope():
+            self.mix = ChannelMix(in_channels, channels)
+            self.fc = L.Linear(channels * length, n_class)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.mix(x)))
+
+
+def mixnet_factors(model, x, t):
+    """Brute-force K-FAC factors of ``model.mix`` on the batch ``(x, t)``, from each example
+    alone: A = 1/N sum_{n,l} x x^T, G = 1/(N L) sum_{n,l} g g^T with g the gradient of example
+    n's own loss with respect to the layer's output at position l."""
+    from kfac_mn import Variable
+
+    n, _, length = x.shape
+    A = sum(x[i] @ x[i].T for i in range(n)) / n
+    G = 0.0
+    for i in range(n):
+        y = Variable(np.einsum("oc,cl->ol", model.mix.W.data, x[i])[None])
+        F.softmax_cross_entropy(model.fc(F.relu(y)), t[i:i + 1]).backward()
+        g = y.grad[0]
+        G = G + g @ g.T
+    return A, G / (n * length)

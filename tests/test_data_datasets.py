@@ -5,9 +5,8 @@ import re
 import numpy
 import pytest
 
-from scripts.make_list import write_image_list
 from utils.data.image_folder import ImageFolderDataset, scan_class_folders
-from utils.data.image_list import ImageListDataset, read_image_list
+from utils.data.image_list import ImageListDataset, read_image_list, write_image_list
 from utils.data.sample_photos import GREY_PHOTOS, write_photo_tree
 
 N_CLASSES, PER_CLASS = 3, 5

@@ -12,6 +12,7 @@ import numpy
 from kfac_mn.configuration import no_backprop_mode, using_config
 from kfac_mn.distributed.work_items import build_work_items
 from kfac_mn.fisher import build_fisher_blocks
+from kfac_mn.fisher.registry import registered_function_types
 from kfac_mn.function_hook import FunctionHook
 from kfac_mn.functions.batch_normalization import BatchNormalization as BatchNormFunction
 from kfac_mn.functions.convolution_2d import Convolution2DFunction
@@ -59,6 +60,10 @@ class ShapeTrace(FunctionHook):
         elif isinstance(function, BatchNormFunction):
             call.positions = int(x.size // x.shape[1])
             call.weight = id(in_data[1])
+        elif isinstance(function, registered_function_types()):
+            # another registered layer type: its Fisher block is costed from its statistic
+            # shapes; the call itself only as the elementwise passes of its input
+            call.weight = id(in_data[1])
         self.calls.append(call)
 
 
@@ -75,10 +80,11 @@ class Profile:
     arrays: int        # parameter arrays
 
 
-def trace_model(model, arch, size, in_channels=3):
-    """Shapes of ``model`` (named ``arch``) from one forward pass of a ``size`` x ``size``
-    batch of 1 (float32, training mode)."""
-    x = numpy.zeros((1, in_channels, size, size), dtype=numpy.float32)
+def trace_model(model, arch, size, in_channels=3, example_shape=None):
+    """Shapes of ``model`` (named ``arch``) from one forward pass of a batch of 1 (float32,
+    training mode): an ``in_channels`` x ``size`` x ``size`` image, or ``example_shape``."""
+    shape = example_shape or (in_channels, size, size)
+    x = numpy.zeros((1, *shape), dtype=numpy.float32)
     trace = ShapeTrace(x)
     with trace, no_backprop_mode(), using_config("train", True):
         y = model(x)

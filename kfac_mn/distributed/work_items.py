@@ -2,7 +2,7 @@
 
 An item is either a Fisher block (a linear, convolution or batch-norm layer: its parameters'
 gradients and its statistics) or a parameter that no block covers (its gradient is only
-averaged over the ranks, PAPER.md: "parameters with no block use the plain gradient").  Each
+averaged over the ranks: parameters with no block use the plain gradient).  Each
 item has exactly one owner rank (:mod:`kfac_mn.distributed.assignment`).
 
 The shapes of a block's statistics follow from its parameters alone

@@ -19,7 +19,7 @@ factors do not depend on how the global batch is split.
   second moment, diagonal ('diag', the paper), 2x2 per channel ('unit') or the
   full 2C x 2C block ('full').
 
-Damping (Tikhonov with pi-correction, Section 4 of the paper):
+Damping (Tikhonov with pi-correction, as the paper; docs/DESIGN.md, "K-FAC conventions"):
 ``pi = sqrt((tr A / dim A) / (tr G / dim G))``,
 ``A_d = A + pi sqrt(gamma) I``, ``G_d = G + sqrt(gamma) / pi I``, and the
 preconditioned gradient ``G_d^{-1} [dW | db] A_d^{-1}``; BN blocks use

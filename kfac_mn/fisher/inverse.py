@@ -1,7 +1,8 @@
 """Damped symmetric inverses by Cholesky, with a checked fallback.
 
-PAPER.md: "Inverses by Cholesky in float32; on failure retry in float64 and/or
-with more damping, never silently."  :func:`damped_inverse` returns
+Our convention (docs/DESIGN.md, "K-FAC conventions"): inverses by Cholesky in float32; on
+failure a retry in float64 and/or with more damping, never silently.  :func:`damped_inverse`
+returns
 ``(M + damping * I)^{-1}`` computed from the Cholesky factor (on the CPU by LAPACK's
 ``potrf`` and ``potri``, on the GPU as ``L^{-T} L^{-1}``).  A failure (not positive
 definite, or a non-finite result) is retried in float64, then in float64 with the damping

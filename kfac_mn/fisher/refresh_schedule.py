@@ -1,9 +1,9 @@
 """When to refresh Kronecker factors and inverses: fixed or adaptive (stale statistics).
 
-PAPER.md: "After a few hundred iterations the factors change slowly: refresh
-them less often.  Our scheme: every step during a warm-up, then per-layer
-intervals that grow while the relative change ||F_new - F_old||_F / ||F_old||_F
-stays under a threshold, and shrink when it does not."
+After a few hundred iterations the factors change slowly, so they are refreshed less often
+(the paper's stale statistics; docs/DESIGN.md, "K-FAC conventions"): every step
+during a warm-up, then per-layer intervals that grow while the relative change
+||F_new - F_old||_F / ||F_old||_F stays under a threshold, and shrink when it does not.
 
 * ``StatisticsSchedule(mode='fixed', factor_interval=k, inverse_interval=m)``:
   every layer refreshes its factors every k steps and inverts every m steps.

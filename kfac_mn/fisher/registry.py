@@ -67,6 +67,12 @@ def block_class_for(link):
     return None
 
 
+def registered_function_types():
+    """Every function class some registered block recognises (a tuple, for isinstance)."""
+    return tuple(f for block_class in _BLOCK_CLASSES.values()
+                 for f in block_class.function_types)
+
+
 def build_fisher_blocks(link, bn_fisher="diag", factor_dtype=None, max_examples=None):
     """One block per covered link of ``link`` (itself included), keyed by path, sorted."""
     options = BlockOptions(bn_fisher, factor_dtype, max_examples)

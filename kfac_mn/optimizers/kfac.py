@@ -41,8 +41,8 @@ from kfac_mn.timing import StageTimer
 class KFAC(MomentumSGD):
     """K-FAC with momentum SGD on the preconditioned gradients, on one process.
 
-    ``lr``, ``momentum``: Chainer's MomentumSGD convention.  ``damping``: gamma of Section 4
-    (Tikhonov damping with pi-correction).  ``cov_ema_decay``: r of the running factors,
+    ``lr``, ``momentum``: Chainer's MomentumSGD convention.  ``damping``: gamma of the paper's
+    Tikhonov damping with pi-correction.  ``cov_ema_decay``: r of the running factors,
     F <- (1 - r) F + r F_new (1 uses the newest statistics only).  ``fisher_type``: 'emp'
     (true labels) or 'mc' (labels sampled from the model's prediction; lossfun must expose
     its logits as ``lossfun.y``).  ``bn_fisher``: 'diag' (the paper), 'unit' or 'full'.

@@ -1,7 +1,25 @@
-"""Chainer's list-file layout: one ``<relative path> <integer label>`` per line."""
+"""Chainer's list-file layout: one ``<relative path> <integer label>`` per line; reading it
+(:func:`read_image_list`, :class:`ImageListDataset`) and writing one from a class-folder tree
+(:func:`write_image_list`, ``scripts/make_list.py``)."""
 import os
 
 from utils.data.image_file_dataset import ImageFileDataset, check_readable_directory
+from utils.data.image_folder import scan_class_folders
+
+
+def write_image_list(root, list_path, classes_path=None):
+    """Scan ``root`` and write the list file (and the class names); return the count."""
+    class_names, paths, labels = scan_class_folders(root)
+    for path in paths:
+        if len(path.split()) != 1:
+            raise ValueError(f"{os.path.join(root, path)}: a list file cannot hold a path "
+                             "with whitespace (fields are whitespace-separated)")
+    with open(list_path, "w", encoding="utf-8") as stream:
+        stream.writelines(f"{path} {label}\n" for path, label in zip(paths, labels))
+    if classes_path is not None:
+        with open(classes_path, "w", encoding="utf-8") as stream:
+            stream.writelines(f"{name}\n" for name in class_names)
+    return len(paths)
 
 
 def read_image_list(list_path, n_class=None):
