@@ -328,3 +328,51 @@ def test_micro_batched_update_equals_the_whole_batch(optimizer_class):
         for expected, found in zip(weights[0][0], other):
             np.testing.assert_allclose(found, expected, rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(losses, weights[0][1], rtol=1e-10)
+
+
+class HalvingCommunicator:
+    """Stands in for two ranks whose other rank has zero gradients: the mean halves them."""
+
+    stats = {}
+
+    def __init__(self):
+        self.calls = []
+
+    def bcast_data(self, link):
+        self.calls.append("bcast_data")
+
+    def multi_node_mean_grad(self, link):
+        self.calls.append("multi_node_mean_grad")
+        for param in link.params(include_uninit=False):
+            param.grad = param.grad / 2
+
+
+def test_multi_node_optimizer_wraps_any_optimizer():
+    x = np.random.default_rng(0).standard_normal((6, 1, 6, 6)).astype(np.float32)
+    t = np.arange(6, dtype=np.int32) % 4
+    models = []
+    for wrapped in (False, True):
+        np.random.seed(0)
+        model = NoBatchNorm()
+        comm = HalvingCommunicator()
+        sgd = MomentumSGD(lr=0.1)
+        optimizer = optimizers.create_multi_node_optimizer(sgd, comm) if wrapped else sgd
+        optimizer.setup(model)
+
+        def lossfun(a, b, model=model):
+            return F.softmax_cross_entropy(model(a), b)
+
+        if wrapped:
+            optimizer.lr = 0.2  # reaches the wrapped optimizer: twice the lr, half the grad
+            assert sgd.lr == 0.2 and optimizer.t == 0
+            optimizer.update(lossfun, MicroBatches([(x[:3], t[:3]), (x[3:], t[3:])]))
+            report = optimizer.last_step_report
+            assert list(report["stages"]) == ["1_forward_backward", "2_allreduce_gradients",
+                                              "3_update"]
+            assert report["step"] == 1 and comm.calls == ["bcast_data",
+                                                           "multi_node_mean_grad"]
+        else:
+            optimizer.update(lossfun, MicroBatches([(x[:3], t[:3]), (x[3:], t[3:])]))
+        models.append([p.data.copy() for _, p in model.namedparams()])
+    for alone, wrapped in zip(*models):
+        np.testing.assert_allclose(wrapped, alone, rtol=1e-6, atol=1e-7)
