@@ -106,7 +106,8 @@ def main(argv=None):
     world_rank = MPI.COMM_WORLD.Get_rank()
     try:
         options = parse_options(argv)
-        comm = create_communicator(options.communicator)
+        comm = create_communicator(options.communicator, collectives=options.collectives,
+                                   alpha=options.comm_alpha, bandwidth=options.comm_bandwidth)
     except OptionError as error:
         fail_usage(str(error), world_rank)
     except RuntimeError as error:  # what the communicator needs is missing (CuPy, NCCL, GPU)

@@ -67,6 +67,20 @@ def test_collectives_match_numpy_references(ranks):
 
 
 @pytest.mark.mpi
+@pytest.mark.parametrize("ranks", [1, 2, 3, 4, 8])
+def test_every_variable_count_algorithm_sums_and_counts_its_bytes(ranks):
+    output = assert_job_passed("check_v_collectives.py", ranks)
+    assert f"36 cases of native, two_phase, allreduce on {ranks} ranks match NumPy" in output
+
+
+@pytest.mark.mpi
+def test_32_ranks_with_resnet50_owner_segments():
+    status, output, _ = run_mpi("check_v_collectives.py", 32, "resnet50", timeout=400)
+    assert status == 0, output
+    assert "on 32 ranks (ResNet-50 layout) match NumPy" in output
+
+
+@pytest.mark.mpi
 @pytest.mark.parametrize("layout, ranks, extra_env", [
     ("single-node", 2, {}),
     ("odd-even", 3, {"MPIR_CVAR_ODD_EVEN_CLIQUES": "1"}),

@@ -27,6 +27,14 @@ def test_n_ranks_with_batch_b_equal_one_process_with_batch_n_b(ranks):
 
 
 @pytest.mark.mpi
+@pytest.mark.parametrize("ranks", [1, 2, 4])
+@pytest.mark.parametrize("collectives", ["two_phase", "allreduce"])
+def test_world_size_invariance_holds_for_every_collective_algorithm(ranks, collectives):
+    output = assert_job_passed("check_distributed_invariance.py", ranks, collectives)
+    assert f"invariance checks passed on {ranks} ranks ({collectives} collectives)" in output
+
+
+@pytest.mark.mpi
 @pytest.mark.parametrize("ranks", [2, 4])
 def test_owners_hold_the_sums_of_the_local_statistics_after_stage_2(ranks):
     output = assert_job_passed("check_distributed_stage2.py", ranks)
@@ -97,10 +105,12 @@ def test_stats_difference_keeps_the_operations_called_in_between():
     after = {"allgather_v": {"calls": 1, "bytes_sent": 10, "bytes_received": 20,
                              "seconds": 0.5},
              "reduce_scatter_v": {"calls": 2, "bytes_sent": 64, "bytes_received": 48,
-                                  "seconds": 0.25}}
+                                  "messages_sent": 3, "messages_received": 4,
+                                  "seconds": 0.25, "algorithms": {"two_phase": 2}}}
     assert stats_difference(after, before) == {
         "reduce_scatter_v": {"calls": 2, "bytes_sent": 64, "bytes_received": 48,
-                             "seconds": 0.25}}
+                             "messages_sent": 3, "messages_received": 4, "seconds": 0.25,
+                             "algorithms": {"two_phase": 2}}}
 
 
 def test_format_report_gives_one_log_line_with_seconds_and_bytes_per_stage():

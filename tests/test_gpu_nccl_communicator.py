@@ -1,4 +1,4 @@
-"""NcclCommunicator: the clear failure without CuPy/NCCL/GPU, the variable-count plan and
+"""NcclCommunicator: the clear failure without CuPy/NCCL/GPU, the variable-count choice and
 padding (both backends), and, on a GPU, every collective at world size 1 (in this process,
 or under ``mpiexec -n 1`` as scripts/gpu_check.sh runs it), then one distributed K-FAC step.
 """
@@ -8,12 +8,9 @@ import pytest
 from kfac_mn import backend
 from kfac_mn import functions as F
 from kfac_mn.communicators import create_communicator
-from kfac_mn.communicators.padding import (
-    VariableCountPlan,
-    pad_segments,
-    plan_variable_counts,
-    unpad_segments,
-)
+from kfac_mn.communicators.nccl_communicator import NcclCommunicator
+from kfac_mn.communicators.padding import pad_segments, unpad_segments
+from kfac_mn.communicators.v_collectives import choose
 from kfac_mn.optimizers import KFAC, DistributedKFAC
 from tests.kfac_models import ConvNet
 
@@ -44,13 +41,19 @@ def test_nccl_communicator_says_what_is_missing(monkeypatch, cupy_available, ncc
 
 
 def test_uneven_counts_are_padded_unless_an_allreduce_moves_less():
-    assert plan_variable_counts([5, 5, 5, 5]) == VariableCountPlan("padded", 5)
-    assert plan_variable_counts([3, 4, 5]) == VariableCountPlan("padded", 5)     # 15 <= 24
-    assert plan_variable_counts([10, 0, 0, 0]) == VariableCountPlan("allreduce", 10)  # 40 > 20
-    assert plan_variable_counts([8, 0]) == VariableCountPlan("padded", 8)        # 16 <= 16
-    assert plan_variable_counts([9, 1, 0]) == VariableCountPlan("allreduce", 9)  # 27 > 20
-    assert plan_variable_counts([7]) == VariableCountPlan("padded", 7)           # one rank
-    assert plan_variable_counts([0, 0]) == VariableCountPlan("padded", 0)
+    """NCCL's 'native' pads every segment to the largest; with no per-message cost 'auto'
+    pads iff P * width <= 2 B, the bytes of an all-reduce."""
+    def plan(counts):
+        return choose("reduce_scatter_v", counts, 4, 0.0, 1.0, NcclCommunicator.v_algorithms)
+
+    assert NcclCommunicator.v_algorithms == ("native", "allreduce")
+    assert plan([5, 5, 5, 5]) == "native"
+    assert plan([3, 4, 5]) == "native"         # 15 <= 24
+    assert plan([10, 0, 0, 0]) == "allreduce"  # 40 > 20
+    assert plan([8, 0]) == "native"            # 16 <= 16
+    assert plan([9, 1, 0]) == "allreduce"      # 27 > 20
+    assert plan([7]) == "native"               # one rank
+    assert plan([0, 0]) == "native"
 
 
 def test_padding_places_each_segment_at_its_slot_and_unpadding_restores_it(xp):

@@ -29,11 +29,14 @@ def require_nccl():
     return nccl
 
 
-def create_communicator(name="mpi", mpi_comm=None):
+def create_communicator(name="mpi", mpi_comm=None, **collective_options):
     """Create the communicator called ``name`` over ``mpi_comm`` (default: COMM_WORLD).
 
-    With more than one rank, an uncaught exception on any rank then aborts the whole job
-    (see :func:`install_abort_on_exception`).
+    ``collective_options``: ``collectives`` (the variable-count algorithm: 'auto', default,
+    'native', 'two_phase' or 'allreduce'; see :mod:`kfac_mn.communicators.v_collectives`),
+    ``alpha`` and ``bandwidth`` (what 'auto' assumes of the network).  With more than one
+    rank, an uncaught exception on any rank then aborts the whole job (see
+    :func:`install_abort_on_exception`).
     """
     if name not in COMMUNICATOR_NAMES:
         raise ValueError(f"create_communicator: unknown communicator {name!r}; valid names: "
@@ -42,11 +45,11 @@ def create_communicator(name="mpi", mpi_comm=None):
         require_nccl()
         from kfac_mn.communicators.nccl_communicator import NcclCommunicator
 
-        communicator = NcclCommunicator(mpi_comm)
+        communicator = NcclCommunicator(mpi_comm, **collective_options)
     else:
         from kfac_mn.communicators.mpi_communicator import MpiCommunicator
 
-        communicator = MpiCommunicator(mpi_comm)
+        communicator = MpiCommunicator(mpi_comm, **collective_options)
     if communicator.size > 1:
         install_abort_on_exception()
     return communicator

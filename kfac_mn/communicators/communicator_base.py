@@ -13,18 +13,50 @@ Distributed K-FAC (the paper's Figure 1) needs three kinds of traffic per step:
    ``gather_obj``).
 
 Array collectives take 1-D buffers of float64, float32 or float16.  Every collective adds its
-modelled bytes (see :mod:`kfac_mn.communicators.traffic`) and wall time to :attr:`stats`.
+bytes, messages (see :mod:`kfac_mn.communicators.traffic`) and wall time to :attr:`stats`.
+The variable-count ones run the algorithm ``collectives`` names
+(:mod:`kfac_mn.communicators.v_collectives`; ``auto``: the cheapest for each call under the
+alpha-beta model with ``alpha`` seconds per message and ``bandwidth`` bytes per second, by
+default InfiniBand EDR's 2 us and 12.5 GB/s; give a calibrated machine's for another network).
 """
 import abc
+import math
+import numbers
 
+from kfac_mn.communicators import v_collectives
 from kfac_mn.communicators.traffic import TrafficLog
+
+#: the alpha-beta parameters ``auto`` assumes unless told otherwise (InfiniBand EDR)
+DEFAULT_ALPHA, DEFAULT_BANDWIDTH = 2e-6, 12.5e9
 
 
 class CommunicatorBase(abc.ABC):
     """Collectives over a fixed group of ranks, with per-operation traffic accounting."""
 
-    def __init__(self):
+    #: the variable-count algorithms this communicator can run
+    v_algorithms = v_collectives.ALGORITHMS
+
+    def __init__(self, collectives="auto", alpha=DEFAULT_ALPHA, bandwidth=DEFAULT_BANDWIDTH):
         self._traffic = TrafficLog()
+        allowed = self.v_algorithms + ("auto",)
+        if collectives not in allowed:
+            raise ValueError(f"{type(self).__name__}: collectives must be one of "
+                             f"{', '.join(allowed)}, not {collectives!r}")
+        for name, value in (("alpha", alpha), ("bandwidth", bandwidth)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) \
+                    or not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{type(self).__name__}: {name} must be a positive number, "
+                                 f"got {value!r}")
+        self.collectives = collectives
+        self.alpha = float(alpha)
+        self.bandwidth = float(bandwidth)
+
+    def v_algorithm(self, operation, counts, itemsize):
+        """The algorithm a variable-count collective runs with these counts."""
+        if self.collectives != "auto":
+            return self.collectives
+        return v_collectives.choose(operation, counts, itemsize, self.alpha, self.bandwidth,
+                                    self.v_algorithms)
 
     # -- topology -----------------------------------------------------------
     @property

@@ -5,6 +5,13 @@ copied to the host and the result is copied back to the device, so callers can s
 xp idiom.  float64 and float32 use MPI's predefined sum; float16 uses the user-defined sum of
 :mod:`kfac_mn.communicators.float16_sum`.  Every rank must call every collective in the same
 order with matching arguments, as MPI requires.
+
+The variable-count collectives run one of :data:`~kfac_mn.communicators.v_collectives.
+ALGORITHMS` (``collectives``; ``auto`` picks the cheapest for each call by the alpha-beta
+model with ``alpha`` and ``bandwidth``): ``native`` (MPI_Reduce_scatter, MPI_Allgatherv; the
+ring model's bytes), ``allreduce`` (the authors' stand-in; the ring model's bytes) or
+``two_phase`` (our own ring over equal chunks with point-to-point messages and one
+MPI_Alltoallv; every byte and message it posts is counted).
 """
 import itertools
 import pickle
@@ -14,7 +21,7 @@ import numpy
 from mpi4py import MPI
 
 from kfac_mn import backend
-from kfac_mn.communicators import parameter_buffer, traffic
+from kfac_mn.communicators import parameter_buffer, traffic, v_collectives
 from kfac_mn.communicators.communicator_base import CommunicatorBase
 from kfac_mn.communicators.float16_sum import float16_type_and_sum
 
@@ -82,8 +89,8 @@ class MpiCommunicator(CommunicatorBase):
     memory (one node), each node is keyed by its lowest rank.
     """
 
-    def __init__(self, mpi_comm=None):
-        super().__init__()
+    def __init__(self, mpi_comm=None, **collective_options):
+        super().__init__(**collective_options)
         self._comm = MPI.COMM_WORLD if mpi_comm is None else mpi_comm
         node = self._comm.Split_type(MPI.COMM_TYPE_SHARED, key=self._comm.rank)
         self._intra_rank, self._intra_size = node.rank, node.size
@@ -151,15 +158,22 @@ class MpiCommunicator(CommunicatorBase):
             raise ValueError(f"{operation}: sendbuf has {host.size} elements but sum(counts) "
                              f"is {sum(counts)}")
         mpi_type, mpi_sum = _mpi_type_and_sum(host.dtype, operation)
-        received = numpy.empty(counts[self.rank], dtype=host.dtype)
+        algorithm = self.v_algorithm(operation, counts, host.itemsize)
         start = time.perf_counter()
-        self._comm.Reduce_scatter([host, host.size, mpi_type],
-                                  [received, received.size, mpi_type], counts, mpi_sum)
-        seconds = time.perf_counter() - start
-        segment_bytes = [count * host.itemsize for count in counts]
-        self._traffic.record(operation,
-                             *traffic.ring_reduce_scatter_bytes(segment_bytes, self.rank),
-                             seconds)
+        if algorithm == "two_phase":
+            received, moved = self._two_phase_reduce_scatter(host, counts, mpi_type)
+        else:
+            if algorithm == "allreduce":
+                offset = sum(counts[:self.rank])
+                received = self._allreduce_raw(host, mpi_type, mpi_sum)[
+                    offset:offset + counts[self.rank]].copy()
+            else:
+                received = numpy.empty(counts[self.rank], dtype=host.dtype)
+                self._comm.Reduce_scatter([host, host.size, mpi_type],
+                                          [received, received.size, mpi_type], counts, mpi_sum)
+            moved = v_collectives.traffic(algorithm, operation, counts, host.itemsize,
+                                          self.rank)
+        self._record_v(operation, algorithm, moved, time.perf_counter() - start)
         return xp.asarray(received)
 
     def allgather_v(self, sendbuf, counts):
@@ -170,28 +184,111 @@ class MpiCommunicator(CommunicatorBase):
         if host.size != counts[self.rank]:
             raise ValueError(f"{operation}: rank {self.rank} sends {host.size} elements but "
                              f"counts[{self.rank}] is {counts[self.rank]}")
-        mpi_type, _ = _mpi_type_and_sum(host.dtype, operation)
-        received = numpy.empty(sum(counts), dtype=host.dtype)
+        mpi_type, mpi_sum = _mpi_type_and_sum(host.dtype, operation)
+        algorithm = self.v_algorithm(operation, counts, host.itemsize)
         start = time.perf_counter()
-        self._comm.Allgatherv([host, host.size, mpi_type],
-                              [received, (counts, _offsets(counts)), mpi_type])
-        seconds = time.perf_counter() - start
-        segment_bytes = [count * host.itemsize for count in counts]
-        self._traffic.record(operation, *traffic.ring_allgather_bytes(segment_bytes, self.rank),
-                             seconds)
+        if algorithm == "two_phase":
+            received, moved = self._two_phase_allgather(host, counts, mpi_type)
+        else:
+            if algorithm == "allreduce":
+                placed = numpy.zeros(sum(counts), dtype=host.dtype)
+                offset = sum(counts[:self.rank])
+                placed[offset:offset + host.size] = host
+                received = self._allreduce_raw(placed, mpi_type, mpi_sum)
+            else:
+                received = numpy.empty(sum(counts), dtype=host.dtype)
+                self._comm.Allgatherv([host, host.size, mpi_type],
+                                      [received, (counts, _offsets(counts)), mpi_type])
+            moved = v_collectives.traffic(algorithm, operation, counts, host.itemsize,
+                                          self.rank)
+        self._record_v(operation, algorithm, moved, time.perf_counter() - start)
         return xp.asarray(received)
+
+    def _record_v(self, operation, algorithm, moved, seconds):
+        self._traffic.record(operation, moved.bytes_sent, moved.bytes_received, seconds,
+                             moved.messages_sent, moved.messages_received, algorithm)
+
+    # -- two_phase: equal chunks, then a redistribution ---------------------------------
+    def _ring_step(self, send, receive, mpi_type, moved):
+        """Send ``send`` to rank + 1 and receive ``receive`` from rank - 1; counted."""
+        right, left = (self.rank + 1) % self.size, (self.rank - 1) % self.size
+        self._comm.Sendrecv([send, send.size, mpi_type], right,
+                            recvbuf=[receive, receive.size, mpi_type], source=left)
+        return moved + v_collectives.Traffic(send.nbytes, receive.nbytes, 1, 1)
+
+    def _redistribute(self, sendbuf, receive, counts, to_owners, mpi_type, moved):
+        """The all-to-all of the pieces (``v_collectives.pieces``): chunk holders to owners
+        (``to_owners``) or owners to chunk holders; ``sendbuf`` is this rank's chunk or
+        segment, ``receive`` its segment or chunk.  Own pieces are copied locally."""
+        size, rank = self.size, self.rank
+        sendcounts, sdispls = [0] * size, [0] * size
+        recvcounts, rdispls = [0] * size, [0] * size
+        for r, q, length, in_chunk, in_segment in v_collectives.pieces(counts):
+            source, target = (r, q) if to_owners else (q, r)
+            from_offset = in_chunk if to_owners else in_segment
+            to_offset = in_segment if to_owners else in_chunk
+            if source == rank == target:
+                receive[to_offset:to_offset + length] = sendbuf[from_offset:from_offset + length]
+            elif source == rank:
+                sendcounts[target], sdispls[target] = length, from_offset
+            elif target == rank:
+                recvcounts[source], rdispls[source] = length, to_offset
+        self._comm.Alltoallv([sendbuf, (sendcounts, sdispls), mpi_type],
+                             [receive, (recvcounts, rdispls), mpi_type])
+        itemsize = sendbuf.itemsize
+        return moved + v_collectives.Traffic(
+            sum(sendcounts) * itemsize, sum(recvcounts) * itemsize,
+            sum(1 for c in sendcounts if c), sum(1 for c in recvcounts if c))
+
+    def _two_phase_reduce_scatter(self, host, counts, mpi_type):
+        """Ring reduce-scatter of equal chunks (rank r sums chunk r), then each chunk holder
+        sends every owner its piece of the owner's segment; returns (segment, traffic)."""
+        size, rank = self.size, self.rank
+        k = v_collectives.chunk_length(host.size, size)
+        moved = v_collectives.Traffic()
+        mine = numpy.empty(counts[rank], dtype=host.dtype)
+        if k == 0:
+            return mine, moved
+        chunks = numpy.zeros((size, k), dtype=host.dtype)
+        chunks.reshape(-1)[:host.size] = host
+        incoming = numpy.empty(k, dtype=host.dtype)
+        for step in range(size - 1):  # step s: send chunk r-s-1, add chunk r-s-2 from r-1
+            moved = self._ring_step(chunks[(rank - step - 1) % size], incoming, mpi_type,
+                                    moved)
+            chunks[(rank - step - 2) % size] += incoming
+        moved = self._redistribute(chunks[rank], mine, counts, True, mpi_type, moved)
+        return mine, moved
+
+    def _two_phase_allgather(self, host, counts, mpi_type):
+        """Each owner sends every chunk holder its piece of that chunk, then a ring all-gather
+        of the equal chunks; returns (whole buffer, traffic)."""
+        size, rank = self.size, self.rank
+        k = v_collectives.chunk_length(sum(counts), size)
+        moved = v_collectives.Traffic()
+        if k == 0:
+            return numpy.empty(0, dtype=host.dtype), moved
+        chunks = numpy.zeros((size, k), dtype=host.dtype)
+        moved = self._redistribute(host, chunks[rank], counts, False, mpi_type, moved)
+        for step in range(size - 1):  # step s: send chunk r-s, receive chunk r-s-1
+            moved = self._ring_step(chunks[(rank - step) % size],
+                                    chunks[(rank - step - 1) % size], mpi_type, moved)
+        return chunks.reshape(-1)[:sum(counts)].copy(), moved
 
     def allreduce(self, array):
         xp = backend.get_array_module(array)
         host = _host_contiguous(array)
         return xp.asarray(self._allreduce_host(host, "allreduce"))
 
-    def _allreduce_host(self, host, operation):
-        mpi_type, mpi_sum = _mpi_type_and_sum(host.dtype, operation)
+    def _allreduce_raw(self, host, mpi_type, mpi_sum):
         result = numpy.empty_like(host)
-        start = time.perf_counter()
         self._comm.Allreduce([host, host.size, mpi_type], [result, result.size, mpi_type],
                              mpi_sum)
+        return result
+
+    def _allreduce_host(self, host, operation):
+        mpi_type, mpi_sum = _mpi_type_and_sum(host.dtype, operation)
+        start = time.perf_counter()
+        result = self._allreduce_raw(host, mpi_type, mpi_sum)
         seconds = time.perf_counter() - start
         self._traffic.record(operation, *traffic.ring_allreduce_bytes(
             host.size, host.itemsize, self.size, self.rank), seconds)

@@ -8,11 +8,13 @@ and Python objects go over MPI, as in :class:`MpiCommunicator`, after the curren
 synchronised (so no MPI call can race a kernel still writing what it sends).
 
 NCCL has no variable-count reduce-scatter or all-gather: every rank contributes one count.
-:func:`~kfac_mn.communicators.padding.plan_variable_counts` pads every segment to the largest
-one when that moves no more bytes than an all-reduce of the whole buffer (ring model: a padded
-collective moves (P-1) * width elements each way, an all-reduce 2 (P-1)/P * B), and otherwise
-runs the all-reduce; the stats then name the operation ``reduce_scatter_v_as_allreduce`` or
-``allgather_v_as_allreduce``, so the traffic report says plainly what ran.  Bytes follow the
+Two algorithms (``v_algorithms``; ``two_phase`` runs on MPI only): ``native`` pads every
+segment to the largest (:mod:`~kfac_mn.communicators.padding`; a ring moves (P-1) * width
+elements each way) and ``allreduce`` all-reduces the whole buffer (2 (P-1)/P * B); ``auto``
+picks the cheaper under the alpha-beta model (:mod:`kfac_mn.communicators.v_collectives`).
+The stats name the all-reduce's operation ``reduce_scatter_v_as_allreduce`` or
+``allgather_v_as_allreduce`` and count each call's algorithm, so the traffic report says
+plainly what ran.  Bytes follow the
 ring model of :mod:`kfac_mn.communicators.traffic`, counting the padding that is really moved;
 seconds are measured with the stream synchronised at both ends of the collective.
 
@@ -27,7 +29,7 @@ import numpy
 from kfac_mn import backend
 from kfac_mn.communicators import parameter_buffer, require_nccl, traffic
 from kfac_mn.communicators.mpi_communicator import MpiCommunicator, _checked_counts
-from kfac_mn.communicators.padding import pad_segments, plan_variable_counts, unpad_segments
+from kfac_mn.communicators.padding import pad_segments, unpad_segments
 
 _NCCL_TYPE_NAMES = {numpy.dtype(numpy.float16): "NCCL_FLOAT16",
                     numpy.dtype(numpy.float32): "NCCL_FLOAT32",
@@ -41,9 +43,11 @@ class NcclCommunicator(MpiCommunicator):
     CUDA device; CuPy arrays given to the collectives must live on it.
     """
 
-    def __init__(self, mpi_comm=None):
+    v_algorithms = ("native", "allreduce")
+
+    def __init__(self, mpi_comm=None, **collective_options):
         nccl = require_nccl()
-        super().__init__(mpi_comm)
+        super().__init__(mpi_comm, **collective_options)
         cupy = backend.cupy
         # every rank learns of a rank without a GPU, so that none waits for it in NCCL
         layout = self._comm.allgather((self.intra_rank, cupy.cuda.runtime.getDeviceCount()))
@@ -78,16 +82,18 @@ class NcclCommunicator(MpiCommunicator):
             raise ValueError(f"{operation}: sendbuf must be 1-D, got shape {vector.shape}")
         return vector
 
-    def _run(self, operation, count, collective, bytes_moved):
-        """Run ``collective(stream pointer)`` (skipped for 0 elements) and record it."""
+    def _run(self, operation, count, collective, bytes_moved, algorithm=None):
+        """Run ``collective(stream pointer)`` (skipped for 0 elements) and record it (bytes
+        by the ring model; NCCL's messages are its own and are not counted)."""
         backend.synchronize()
         start = time.perf_counter()
         if count:
             collective(backend.cupy.cuda.get_current_stream().ptr)
             backend.synchronize()
-        self._traffic.record(operation, *bytes_moved, time.perf_counter() - start)
+        self._traffic.record(operation, *bytes_moved, time.perf_counter() - start,
+                             algorithm=algorithm)
 
-    def _allreduce_device(self, vector, operation):
+    def _allreduce_device(self, vector, operation, algorithm=None):
         result = backend.cupy.empty_like(vector)
         nccl_type = self._nccl_type(vector.dtype, operation)
         self._run(operation, vector.size,
@@ -95,7 +101,7 @@ class NcclCommunicator(MpiCommunicator):
                                                       vector.size, nccl_type, self._nccl_sum,
                                                       stream),
                   traffic.ring_allreduce_bytes(vector.size, vector.itemsize, self.size,
-                                               self.rank))
+                                               self.rank), algorithm)
         return result
 
     # -- model-level collectives ----------------------------------------------
@@ -135,22 +141,22 @@ class NcclCommunicator(MpiCommunicator):
                              f"is {sum(counts)}")
         nccl_type = self._nccl_type(send.dtype, operation)
         mine = counts[self.rank]
-        plan = plan_variable_counts(counts)
-        if plan.method == "allreduce":
+        width = max(counts)
+        if self.v_algorithm(operation, counts, send.itemsize) == "allreduce":
             offset = sum(counts[:self.rank])
-            summed = self._allreduce_device(send, operation + "_as_allreduce")
+            summed = self._allreduce_device(send, operation + "_as_allreduce", "allreduce")
             return summed[offset:offset + mine].copy()
         cupy = backend.cupy
-        equal = all(count == plan.width for count in counts)
-        padded = send if equal else pad_segments(cupy, send, counts, plan.width)
-        received = cupy.empty(plan.width, dtype=send.dtype)
-        self._run(operation, plan.width,
+        equal = all(count == width for count in counts)
+        padded = send if equal else pad_segments(cupy, send, counts, width)
+        received = cupy.empty(width, dtype=send.dtype)
+        self._run(operation, width,
                   lambda stream: self._nccl.reduceScatter(padded.data.ptr, received.data.ptr,
-                                                          plan.width, nccl_type,
+                                                          width, nccl_type,
                                                           self._nccl_sum, stream),
-                  traffic.ring_reduce_scatter_bytes([plan.width * send.itemsize] * self.size,
-                                                    self.rank))
-        return received if mine == plan.width else received[:mine].copy()
+                  traffic.ring_reduce_scatter_bytes([width * send.itemsize] * self.size,
+                                                    self.rank), "native")
+        return received if mine == width else received[:mine].copy()
 
     def allgather_v(self, sendbuf, counts):
         if not backend.is_gpu_array(sendbuf):
@@ -164,23 +170,22 @@ class NcclCommunicator(MpiCommunicator):
                              f"counts[{self.rank}] is {counts[self.rank]}")
         nccl_type = self._nccl_type(send.dtype, operation)
         cupy = backend.cupy
-        plan = plan_variable_counts(counts)
-        if plan.method == "allreduce":
+        width = max(counts)
+        if self.v_algorithm(operation, counts, send.itemsize) == "allreduce":
             offset = sum(counts[:self.rank])
             placed = cupy.zeros(sum(counts), dtype=send.dtype)
             placed[offset:offset + send.size] = send
-            return self._allreduce_device(placed, operation + "_as_allreduce")
-        padded = send if send.size == plan.width else pad_segments(
-            cupy, send, [send.size], plan.width)
-        gathered = cupy.empty(plan.width * self.size, dtype=send.dtype)
-        self._run(operation, plan.width,
+            return self._allreduce_device(placed, operation + "_as_allreduce", "allreduce")
+        padded = send if send.size == width else pad_segments(cupy, send, [send.size], width)
+        gathered = cupy.empty(width * self.size, dtype=send.dtype)
+        self._run(operation, width,
                   lambda stream: self._nccl.allGather(padded.data.ptr, gathered.data.ptr,
-                                                      plan.width, nccl_type, stream),
-                  traffic.ring_allgather_bytes([plan.width * send.itemsize] * self.size,
-                                               self.rank))
-        if all(count == plan.width for count in counts):
+                                                      width, nccl_type, stream),
+                  traffic.ring_allgather_bytes([width * send.itemsize] * self.size,
+                                               self.rank), "native")
+        if all(count == width for count in counts):
             return gathered
-        return unpad_segments(cupy, gathered, counts, plan.width)
+        return unpad_segments(cupy, gathered, counts, width)
 
     def allreduce(self, array):
         if not backend.is_gpu_array(array):

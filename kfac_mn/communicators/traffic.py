@@ -1,4 +1,6 @@
-"""Byte accounting of collectives under the standard ring (and chain) algorithm model.
+"""Byte accounting of collectives under the standard ring (and chain) algorithm model, and the
+per-rank traffic log.  (Variable-count collectives whose algorithm we run ourselves are
+counted exactly instead: :mod:`kfac_mn.communicators.v_collectives`.)
 
 The numbers are what one rank would send and receive if each collective ran the textbook
 algorithm on a ring of P ranks (rank r sends to r+1 and receives from r-1, indices mod P).
@@ -66,29 +68,39 @@ def chain_bcast_bytes(nbytes, size, rank, root):
 
 @dataclasses.dataclass
 class OperationTotals:
-    """Totals over the calls of one collective on this rank."""
+    """Totals over the calls of one collective on this rank; ``algorithms`` counts the calls
+    of each variable-count algorithm (:mod:`kfac_mn.communicators.v_collectives`)."""
 
     calls: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
+    messages_sent: int = 0
+    messages_received: int = 0
     seconds: float = 0.0
+    algorithms: dict = dataclasses.field(default_factory=dict)
 
 
 class TrafficLog:
-    """Per-operation totals of calls, modelled bytes and wall time on this rank."""
+    """Per-operation totals of calls, bytes, messages and wall time on this rank."""
 
     def __init__(self):
         self._totals = {}
 
-    def record(self, operation, bytes_sent, bytes_received, seconds):
+    def record(self, operation, bytes_sent, bytes_received, seconds, messages_sent=0,
+               messages_received=0, algorithm=None):
         totals = self._totals.setdefault(operation, OperationTotals())
         totals.calls += 1
         totals.bytes_sent += int(bytes_sent)
         totals.bytes_received += int(bytes_received)
+        totals.messages_sent += int(messages_sent)
+        totals.messages_received += int(messages_received)
         totals.seconds += seconds
+        if algorithm is not None:
+            totals.algorithms[algorithm] = totals.algorithms.get(algorithm, 0) + 1
 
     def snapshot(self):
-        """{operation: {calls, bytes_sent, bytes_received, seconds}}, operations sorted."""
+        """{operation: {calls, bytes_sent, bytes_received, messages_sent, messages_received,
+        seconds, algorithms}}, operations sorted."""
         return {name: dataclasses.asdict(self._totals[name]) for name in sorted(self._totals)}
 
     def reset(self):

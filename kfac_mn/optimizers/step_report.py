@@ -20,16 +20,21 @@ import contextlib
 
 from kfac_mn.timing import StageTimer
 
-_TOTAL_KEYS = ("calls", "bytes_sent", "bytes_received", "seconds")
+_TOTAL_KEYS = ("calls", "bytes_sent", "bytes_received", "messages_sent", "messages_received",
+               "seconds")
 
 
 def stats_difference(after, before):
-    """Per-operation ``after - before`` of two ``comm.stats`` snapshots (operations called)."""
+    """Per-operation ``after - before`` of two ``comm.stats`` snapshots (operations called);
+    ``algorithms`` holds the variable-count algorithms that ran in between, with their calls."""
     difference = {}
     for operation, totals in after.items():
-        previous = before.get(operation, dict.fromkeys(_TOTAL_KEYS, 0))
-        delta = {key: totals[key] - previous[key] for key in _TOTAL_KEYS}
+        previous = before.get(operation, {})
+        delta = {key: totals.get(key, 0) - previous.get(key, 0) for key in _TOTAL_KEYS}
         if delta["calls"]:
+            ran = {name: calls - previous.get("algorithms", {}).get(name, 0)
+                   for name, calls in totals.get("algorithms", {}).items()}
+            delta["algorithms"] = {name: calls for name, calls in ran.items() if calls}
             difference[operation] = delta
     return difference
 

@@ -11,9 +11,11 @@ depend on the data have a ``None`` default, resolved by :func:`resolve_arch` and
 """
 import argparse
 import json
+import math
 import os
 
-from kfac_mn.communicators import COMMUNICATOR_NAMES
+from kfac_mn.communicators import COMMUNICATOR_NAMES, v_collectives
+from kfac_mn.communicators.communicator_base import DEFAULT_ALPHA, DEFAULT_BANDWIDTH
 from kfac_mn.distributed.assignment import ASSIGNMENTS
 from models import archs
 
@@ -88,6 +90,18 @@ def build_parser():
                        help="run each rank on the GPU of its rank within the node (CuPy)")
     model.add_argument("--communicator", choices=COMMUNICATOR_NAMES, default="mpi",
                        help="collectives backend (nccl: CuPy arrays over NCCL, needs --gpu)")
+    model.add_argument("--collectives", choices=v_collectives.CHOICES, default="auto",
+                       help="algorithm of K-FAC's ReduceScatterV and AllGatherV: two_phase "
+                            "(equal chunks, then a redistribution), native (the library's "
+                            "own), allreduce (the authors' stand-in) or auto (the cheapest "
+                            "for each call under the alpha-beta model of --comm-alpha and "
+                            "--comm-bandwidth)")
+    model.add_argument("--comm-alpha", type=float, default=DEFAULT_ALPHA,
+                       help="seconds per message that --collectives auto assumes (default: "
+                            "InfiniBand EDR; 'alpha' of scale_model.py --calibrate)")
+    model.add_argument("--comm-bandwidth", type=float, default=DEFAULT_BANDWIDTH,
+                       help="bytes per second per link that --collectives auto assumes "
+                            "(default: InfiniBand EDR; 'bandwidth' of --calibrate)")
 
     training = parser.add_argument_group("training")
     training.add_argument("--batchsize", "-B", type=int, default=32,
@@ -330,6 +344,13 @@ def check_options(options):
         raise OptionError(f"--crop-scale-min must be in (0, 1], got {options.crop_scale_min}")
     if options.communicator == "nccl" and not options.gpu:
         raise OptionError("--communicator nccl needs --gpu (NCCL moves CuPy arrays)")
+    if options.communicator == "nccl" and options.collectives == "two_phase":
+        raise OptionError("--collectives two_phase runs on --communicator mpi only (NCCL: "
+                          "auto, native or allreduce)")
+    for name in ("comm_alpha", "comm_bandwidth"):
+        if not (math.isfinite(getattr(options, name)) and getattr(options, name) > 0):
+            raise OptionError(f"--{name.replace('_', '-')} must be a positive number, got "
+                              f"{getattr(options, name)}")
     if not options.lr_decay_rate > 0:
         raise OptionError(f"--lr-decay-rate must be positive, got {options.lr_decay_rate}")
     if options.stat_schedule == "fixed" and options.inverse_interval % options.factor_interval:
