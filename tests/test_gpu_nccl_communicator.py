@@ -44,9 +44,12 @@ def test_uneven_counts_are_padded_unless_an_allreduce_moves_less():
     """NCCL's 'native' pads every segment to the largest; with no per-message cost 'auto'
     pads iff P * width <= 2 B, the bytes of an all-reduce."""
     def plan(counts):
-        return choose("reduce_scatter_v", counts, 4, 0.0, 1.0, NcclCommunicator.v_algorithms)
+        return choose("reduce_scatter_v", counts, 4, 0.0, 1.0,
+                      NcclCommunicator.auto_algorithms)
 
-    assert NcclCommunicator.v_algorithms == ("native", "allreduce")
+    # two_phase runs on NCCL when asked for; auto leaves it out until measured on GPUs
+    assert NcclCommunicator.v_algorithms == ("native", "two_phase", "allreduce")
+    assert NcclCommunicator.auto_algorithms == ("native", "allreduce")
     assert plan([5, 5, 5, 5]) == "native"
     assert plan([3, 4, 5]) == "native"         # 15 <= 24
     assert plan([10, 0, 0, 0]) == "allreduce"  # 40 > 20
@@ -108,6 +111,25 @@ def test_nccl_array_collectives_at_world_size_1(comm, dtype):
     on_host = comm.reduce_scatter_v(values, [11])  # host buffers go over MPI
     assert isinstance(on_host, np.ndarray)
     np.testing.assert_array_equal(on_host, values)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("algorithm", NcclCommunicator.v_algorithms)
+def test_nccl_variable_count_algorithms_at_world_size_1(algorithm):
+    if not backend.gpu_available():
+        pytest.skip("needs CuPy and a CUDA device")
+    cupy = backend.cupy
+    comm = create_communicator("nccl", collectives=algorithm)
+    values = np.random.default_rng(1).standard_normal(13).astype(np.float32)
+    for counts in ([13], [0]):
+        send = cupy.asarray(values[:counts[0]])
+        np.testing.assert_array_equal(host(comm.reduce_scatter_v(send, counts)),
+                                      values[:counts[0]])
+        np.testing.assert_array_equal(host(comm.allgather_v(send, counts)),
+                                      values[:counts[0]])
+    suffix = "_as_allreduce" if algorithm == "allreduce" else ""
+    assert {name: totals["algorithms"] for name, totals in comm.stats.items()} == {
+        "allgather_v" + suffix: {algorithm: 2}, "reduce_scatter_v" + suffix: {algorithm: 2}}
 
 
 @pytest.mark.gpu

@@ -15,6 +15,25 @@ def test_pieces_cut_every_segment_at_the_chunk_borders():
     assert v.pieces([0, 0]) == []
 
 
+def test_exchange_plan_by_hand_and_against_the_traffic_of_every_rank():
+    # ReduceScatterV: rank 2 keeps chunk 2 (values 8..11 = its segment's 5..8) and receives
+    # its other pieces; rank 3 sends values 12 of chunk 3 to rank 2 and keeps value 13
+    assert v.exchange_plan(COUNTS, 2, True) == (
+        [], [(0, 3, 0, 1), (1, 0, 1, 4), (3, 0, 9, 1)], [(2, 0, 5, 4)])
+    assert v.exchange_plan(COUNTS, 3, True) == ([(2, 0, 9, 1)], [], [(3, 1, 0, 1)])
+    # AllGatherV is the mirror: rank 3 receives value 9 of segment 2 from its owner into
+    # chunk 3 and copies its own value to the chunk's second place
+    assert v.exchange_plan(COUNTS, 3, False) == ([], [(2, 9, 0, 1)], [(3, 0, 1, 1)])
+    for counts in (COUNTS, [0, 0, 0], [1, 2, 3, 40, 0, 5], [9, 0]):
+        for to_owners in (True, False):
+            by_rank = v.exchange_traffic(counts, 2, to_owners)
+            for rank in range(len(counts)):
+                sends, receives, _ = v.exchange_plan(counts, rank, to_owners)
+                assert by_rank[rank] == v.Traffic(
+                    2 * sum(p[3] for p in sends), 2 * sum(p[3] for p in receives),
+                    len(sends), len(receives))
+
+
 def test_two_phase_traffic_by_hand():
     # rank 2 owns segment 2 (10 values) and holds chunk 2 = values 8..11, all its own: the
     # ring moves 3 messages of 4 float32 each way; it receives its pieces from chunks 0, 1, 3

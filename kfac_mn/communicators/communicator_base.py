@@ -35,6 +35,8 @@ class CommunicatorBase(abc.ABC):
 
     #: the variable-count algorithms this communicator can run
     v_algorithms = v_collectives.ALGORITHMS
+    #: those ``auto`` chooses among
+    auto_algorithms = v_collectives.ALGORITHMS
 
     def __init__(self, collectives="auto", alpha=DEFAULT_ALPHA, bandwidth=DEFAULT_BANDWIDTH):
         self._traffic = TrafficLog()
@@ -56,7 +58,7 @@ class CommunicatorBase(abc.ABC):
         if self.collectives != "auto":
             return self.collectives
         return v_collectives.choose(operation, counts, itemsize, self.alpha, self.bandwidth,
-                                    self.v_algorithms)
+                                    self.auto_algorithms)
 
     # -- topology -----------------------------------------------------------
     @property

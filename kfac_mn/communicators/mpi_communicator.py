@@ -217,28 +217,24 @@ class MpiCommunicator(CommunicatorBase):
         return moved + v_collectives.Traffic(send.nbytes, receive.nbytes, 1, 1)
 
     def _redistribute(self, sendbuf, receive, counts, to_owners, mpi_type, moved):
-        """The all-to-all of the pieces (``v_collectives.pieces``): chunk holders to owners
-        (``to_owners``) or owners to chunk holders; ``sendbuf`` is this rank's chunk or
-        segment, ``receive`` its segment or chunk.  Own pieces are copied locally."""
-        size, rank = self.size, self.rank
+        """One MPI_Alltoallv of :func:`~kfac_mn.communicators.v_collectives.exchange_plan`:
+        chunk holders to owners (``to_owners``) or owners to chunk holders; ``sendbuf`` is
+        this rank's chunk or segment, ``receive`` its segment or chunk."""
+        size = self.size
         sendcounts, sdispls = [0] * size, [0] * size
         recvcounts, rdispls = [0] * size, [0] * size
-        for r, q, length, in_chunk, in_segment in v_collectives.pieces(counts):
-            source, target = (r, q) if to_owners else (q, r)
-            from_offset = in_chunk if to_owners else in_segment
-            to_offset = in_segment if to_owners else in_chunk
-            if source == rank == target:
-                receive[to_offset:to_offset + length] = sendbuf[from_offset:from_offset + length]
-            elif source == rank:
-                sendcounts[target], sdispls[target] = length, from_offset
-            elif target == rank:
-                recvcounts[source], rdispls[source] = length, to_offset
+        sends, receives, local = v_collectives.exchange_plan(counts, self.rank, to_owners)
+        for _, source, target, length in local:
+            receive[target:target + length] = sendbuf[source:source + length]
+        for peer, source, _, length in sends:
+            sendcounts[peer], sdispls[peer] = length, source
+        for peer, _, target, length in receives:
+            recvcounts[peer], rdispls[peer] = length, target
         self._comm.Alltoallv([sendbuf, (sendcounts, sdispls), mpi_type],
                              [receive, (recvcounts, rdispls), mpi_type])
         itemsize = sendbuf.itemsize
         return moved + v_collectives.Traffic(
-            sum(sendcounts) * itemsize, sum(recvcounts) * itemsize,
-            sum(1 for c in sendcounts if c), sum(1 for c in recvcounts if c))
+            sum(sendcounts) * itemsize, sum(recvcounts) * itemsize, len(sends), len(receives))
 
     def _two_phase_reduce_scatter(self, host, counts, mpi_type):
         """Ring reduce-scatter of equal chunks (rank r sums chunk r), then each chunk holder

@@ -8,10 +8,14 @@ and Python objects go over MPI, as in :class:`MpiCommunicator`, after the curren
 synchronised (so no MPI call can race a kernel still writing what it sends).
 
 NCCL has no variable-count reduce-scatter or all-gather: every rank contributes one count.
-Two algorithms (``v_algorithms``; ``two_phase`` runs on MPI only): ``native`` pads every
-segment to the largest (:mod:`~kfac_mn.communicators.padding`; a ring moves (P-1) * width
-elements each way) and ``allreduce`` all-reduces the whole buffer (2 (P-1)/P * B); ``auto``
-picks the cheaper under the alpha-beta model (:mod:`kfac_mn.communicators.v_collectives`).
+Three algorithms (``v_algorithms``, :mod:`kfac_mn.communicators.v_collectives`): ``native``
+pads every segment to the largest (:mod:`~kfac_mn.communicators.padding`; a ring moves
+(P-1) * width elements each way), ``allreduce`` all-reduces the whole buffer (2 (P-1)/P * B)
+and ``two_phase`` runs ncclReduceScatter / ncclAllGather over equal chunks and the
+redistribution of ``v_collectives.exchange_plan`` as grouped ncclSend / ncclRecv (the same
+plan MPI runs as one Alltoallv).  ``auto`` picks the cheaper of ``native`` and ``allreduce``
+under the alpha-beta model; ``two_phase`` is opt-in (``collectives="two_phase"``) until it
+has been measured on more than one GPU.
 The stats name the all-reduce's operation ``reduce_scatter_v_as_allreduce`` or
 ``allgather_v_as_allreduce`` and count each call's algorithm, so the traffic report says
 plainly what ran.  Bytes follow the
@@ -22,12 +26,13 @@ float16, float32 and float64 buffers are supported (NCCL sums float16 in float16
 user-defined float16 sum does).  All ranks must call every collective in the same order
 with the same counts, as with MPI.
 """
+import dataclasses
 import time
 
 import numpy
 
 from kfac_mn import backend
-from kfac_mn.communicators import parameter_buffer, require_nccl, traffic
+from kfac_mn.communicators import parameter_buffer, require_nccl, traffic, v_collectives
 from kfac_mn.communicators.mpi_communicator import MpiCommunicator, _checked_counts
 from kfac_mn.communicators.padding import pad_segments, unpad_segments
 
@@ -43,7 +48,8 @@ class NcclCommunicator(MpiCommunicator):
     CUDA device; CuPy arrays given to the collectives must live on it.
     """
 
-    v_algorithms = ("native", "allreduce")
+    v_algorithms = ("native", "two_phase", "allreduce")
+    auto_algorithms = ("native", "allreduce")
 
     def __init__(self, mpi_comm=None, **collective_options):
         nccl = require_nccl()
@@ -64,6 +70,7 @@ class NcclCommunicator(MpiCommunicator):
         self._nccl_types = {dtype: getattr(nccl, name) for dtype, name in
                             _NCCL_TYPE_NAMES.items()}
         self._nccl_sum = nccl.NCCL_SUM
+        self._nccl_group = (nccl.groupStart, nccl.groupEnd)
 
     # -- helpers ------------------------------------------------------------------
     def _nccl_type(self, dtype, operation):
@@ -82,16 +89,74 @@ class NcclCommunicator(MpiCommunicator):
             raise ValueError(f"{operation}: sendbuf must be 1-D, got shape {vector.shape}")
         return vector
 
-    def _run(self, operation, count, collective, bytes_moved, algorithm=None):
-        """Run ``collective(stream pointer)`` (skipped for 0 elements) and record it (bytes
-        by the ring model; NCCL's messages are its own and are not counted)."""
+    def _run(self, operation, count, collective, moved, algorithm=None):
+        """Run ``collective(stream pointer)`` (skipped for 0 elements) and record it:
+        ``moved`` is (bytes sent, bytes received) by the ring model, NCCL's own messages not
+        counted, or a ``v_collectives.Traffic`` (``two_phase``: the ring model's messages
+        and the redistribution's own)."""
         backend.synchronize()
         start = time.perf_counter()
         if count:
             collective(backend.cupy.cuda.get_current_stream().ptr)
             backend.synchronize()
-        self._traffic.record(operation, *bytes_moved, time.perf_counter() - start,
+        if isinstance(moved, v_collectives.Traffic):
+            moved = dataclasses.astuple(moved)
+        self._traffic.record(operation, *moved[:2], time.perf_counter() - start, *moved[2:],
                              algorithm=algorithm)
+
+    def _exchange(self, source, target, counts, to_owners, nccl_type, stream):
+        """``v_collectives.exchange_plan`` as one group of ncclSend / ncclRecv: ``source``
+        is this rank's chunk or segment, ``target`` its segment or chunk."""
+        sends, receives, local = v_collectives.exchange_plan(counts, self.rank, to_owners)
+        for _, start, at, length in local:
+            target[at:at + length] = source[start:start + length]
+        itemsize = source.itemsize
+        group_start, group_end = self._nccl_group
+        group_start()
+        try:
+            for peer, start, _, length in sends:
+                self._nccl.send(source.data.ptr + start * itemsize, length, nccl_type, peer,
+                                stream)
+            for peer, _, at, length in receives:
+                self._nccl.recv(target.data.ptr + at * itemsize, length, nccl_type, peer,
+                                stream)
+        finally:
+            group_end()
+
+    def _two_phase_reduce_scatter(self, send, counts, nccl_type):
+        """ncclReduceScatter of equal chunks (rank r sums chunk r), then the chunk holders
+        send every owner its pieces."""
+        cupy = backend.cupy
+        k = v_collectives.chunk_length(send.size, self.size)
+        padded = cupy.zeros(self.size * k, dtype=send.dtype)
+        padded[:send.size] = send
+        chunk = cupy.empty(k, dtype=send.dtype)
+        mine = cupy.empty(counts[self.rank], dtype=send.dtype)
+
+        def collective(stream):
+            self._nccl.reduceScatter(padded.data.ptr, chunk.data.ptr, k, nccl_type,
+                                     self._nccl_sum, stream)
+            self._exchange(chunk, mine, counts, True, nccl_type, stream)
+
+        self._run("reduce_scatter_v", k, collective, v_collectives.traffic(
+            "two_phase", "reduce_scatter_v", counts, send.itemsize, self.rank), "two_phase")
+        return mine
+
+    def _two_phase_allgather(self, send, counts, nccl_type):
+        """Every owner sends each chunk holder its piece of that chunk, then an in-place
+        ncclAllGather of the equal chunks."""
+        cupy = backend.cupy
+        k = v_collectives.chunk_length(sum(counts), self.size)
+        chunks = cupy.zeros(self.size * k, dtype=send.dtype)
+        mine = chunks[self.rank * k:(self.rank + 1) * k]
+
+        def collective(stream):
+            self._exchange(send, mine, counts, False, nccl_type, stream)
+            self._nccl.allGather(mine.data.ptr, chunks.data.ptr, k, nccl_type, stream)
+
+        self._run("allgather_v", k, collective, v_collectives.traffic(
+            "two_phase", "allgather_v", counts, send.itemsize, self.rank), "two_phase")
+        return chunks if chunks.size == sum(counts) else chunks[:sum(counts)].copy()
 
     def _allreduce_device(self, vector, operation, algorithm=None):
         result = backend.cupy.empty_like(vector)
@@ -142,7 +207,10 @@ class NcclCommunicator(MpiCommunicator):
         nccl_type = self._nccl_type(send.dtype, operation)
         mine = counts[self.rank]
         width = max(counts)
-        if self.v_algorithm(operation, counts, send.itemsize) == "allreduce":
+        algorithm = self.v_algorithm(operation, counts, send.itemsize)
+        if algorithm == "two_phase":
+            return self._two_phase_reduce_scatter(send, counts, nccl_type)
+        if algorithm == "allreduce":
             offset = sum(counts[:self.rank])
             summed = self._allreduce_device(send, operation + "_as_allreduce", "allreduce")
             return summed[offset:offset + mine].copy()
@@ -171,7 +239,10 @@ class NcclCommunicator(MpiCommunicator):
         nccl_type = self._nccl_type(send.dtype, operation)
         cupy = backend.cupy
         width = max(counts)
-        if self.v_algorithm(operation, counts, send.itemsize) == "allreduce":
+        algorithm = self.v_algorithm(operation, counts, send.itemsize)
+        if algorithm == "two_phase":
+            return self._two_phase_allgather(send, counts, nccl_type)
+        if algorithm == "allreduce":
             offset = sum(counts[:self.rank])
             placed = cupy.zeros(sum(counts), dtype=send.dtype)
             placed[offset:offset + send.size] = send

@@ -72,10 +72,28 @@ def pieces(counts):
     return found
 
 
+def exchange_plan(counts, rank, to_owners):
+    """What ``rank`` does in the redistribution, as ``(sends, receives, local)`` lists of
+    ``(peer, source offset, target offset, length)``: chunk holders send owners the pieces of
+    their segments (``to_owners``, ReduceScatterV: source = the holder's chunk, target = the
+    owner's segment) or owners send chunk holders (AllGatherV: the reverse); a rank's piece
+    of its own chunk is copied locally.  Every communicator runs this one plan."""
+    sends, receives, local = [], [], []
+    for r, q, length, in_chunk, in_segment in pieces(counts):
+        source, target = (r, q) if to_owners else (q, r)
+        offsets = (in_chunk, in_segment) if to_owners else (in_segment, in_chunk)
+        if source == rank == target:
+            local.append((rank, *offsets, length))
+        elif source == rank:
+            sends.append((target, *offsets, length))
+        elif target == rank:
+            receives.append((source, *offsets, length))
+    return sends, receives, local
+
+
 def exchange_traffic(counts, itemsize, to_owners):
-    """:class:`Traffic` of every rank in the redistribution: chunk holders send owners the
-    pieces of their segments (``to_owners``, ReduceScatterV) or owners send chunk holders
-    (AllGatherV); a rank's piece of its own chunk stays local."""
+    """:class:`Traffic` of every rank in the redistribution of :func:`exchange_plan` (one
+    pass over the pieces)."""
     sent, received = [0] * len(counts), [0] * len(counts)
     messages_sent, messages_received = [0] * len(counts), [0] * len(counts)
     for r, q, length, _, _ in pieces(counts):
