@@ -26,9 +26,16 @@ batch, so stage 3 is still split over owners as the assignment splits it.
 JSON line of ``scripts/bench_kfac.py`` (P = 1) or of ``scripts/bench_comm.py`` (its measured
 part: ``models.resnet_mnist`` at 28x28 on its ranks, float32 and float16 communication).
 
-Prints the table of stage times against P, the estimated minutes of the paper's runs on 1,024
-workers next to the paper's 10 minutes, writes ``scale_model.png`` and ``scale_model.json``
-under ``--out``, and ends with one JSON line.
+Every variable-count algorithm of the communicators is modelled with the communicators' own
+formulas (:mod:`kfac_mn.communicators.v_collectives`): ``native``, ``two_phase``,
+``allreduce`` (the authors' stand-in) and ``auto`` (the cheapest per call).  Prints the table
+of stage times against P for ``--kfac-collectives`` (default ``auto``), stale K-FAC under
+every algorithm side by side with SGD (and their ratio), the estimated minutes of the paper's
+runs on 1,024 workers under every algorithm next to the paper's 10 minutes, writes
+``scale_model.png`` (stages of ``--kfac-collectives``), ``scale_algorithms.png`` (every
+algorithm against SGD) and ``scale_model.json`` under ``--out``, and ends with one JSON line:
+the table's rows, ``minutes_45_epochs_stale`` and ``stale_over_sgd_per_iteration`` per
+algorithm at P = 1,024, ``minutes_45_epochs_sgd`` and ``paper_minutes``.
 """
 import argparse
 import dataclasses
@@ -44,6 +51,7 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 
 import models  # noqa: E402
+from kfac_mn.communicators import v_collectives  # noqa: E402
 from kfac_mn.cost_model import calibration  # noqa: E402
 from kfac_mn.cost_model.comparison import (  # noqa: E402
     comparison_rows,
@@ -79,6 +87,21 @@ def print_table(rows, profile, machine, args):
                          for s in ("reduce_scatter", "owner_work", "allgather")))
 
 
+def print_side_by_side(tables, batchsize):
+    """Stale K-FAC's ms per iteration under every algorithm, next to SGD, and the ratio."""
+    print("\nstale K-FAC under every variable-count algorithm, ms per iteration (ratio: "
+          "stale K-FAC / SGD)")
+    names = list(tables)
+    print(f"{'P':>5} {'SGD':>8} | " + " ".join(f"{name:>10}" for name in names)
+          + " | " + " ".join(f"{name + '/SGD':>14}" for name in names))
+    for index, row in enumerate(tables[names[0]]):
+        sgd = row["sgd"]["total"]
+        stale = [tables[name][index]["kfac_stale"]["total"] for name in names]
+        print(f"{row['ranks']:>5} {sgd * 1e3:8.1f} | "
+              + " ".join(f"{value * 1e3:10.1f}" for value in stale) + " | "
+              + " ".join(f"{value / sgd:14.2f}" for value in stale))
+
+
 def plot(rows, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -100,6 +123,32 @@ def plot(rows, path):
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("modelled ms per iteration (stacked by stage)")
     axes[-1].legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_algorithms(tables, path):
+    """Stale K-FAC's ms per iteration against P under every algorithm, next to SGD."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    first = next(iter(tables.values()))
+    ranks = [row["ranks"] for row in first]
+    ax.plot(ranks, [row["sgd"]["total"] * 1e3 for row in first], "k--", label="SGD")
+    for name, rows in tables.items():
+        if name != "auto":
+            ax.plot(ranks, [row["kfac_stale"]["total"] * 1e3 for row in rows], marker="o",
+                    markersize=3, label=f"stale K-FAC, {name}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("workers P")
+    ax.set_ylabel("modelled ms per iteration")
+    ax.set_title("stale K-FAC by variable-count algorithm (auto = the cheapest)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -168,6 +217,37 @@ def print_comparison(rows, tolerance=0.3):
               f"{flag}")
 
 
+# -- the paper's run -----------------------------------------------------------------------
+def paper_figures(tables, batchsize):
+    """Print and return the minutes of the paper's 1,024-worker runs under every algorithm,
+    and stale K-FAC / SGD per iteration there."""
+    workers = PAPER_RUN["workers"]
+    estimates, ratios = {}, {}
+    for name, rows in tables.items():
+        row = next(row for row in rows if row["ranks"] == workers)
+        estimates[name] = {setting: {key: round(value, 3) if key in MODES else value
+                                     for key, value in values.items()}
+                           for setting, values in paper_estimates(row, batchsize).items()}
+        ratios[name] = round(row["kfac_stale"]["total"] / row["sgd"]["total"], 3)
+    print(f"\nestimated minutes on {workers:,} workers (global batch {workers * batchsize:,}); "
+          f"the paper: 74.9% top-1 in about {PAPER_RUN['minutes']:g} minutes (45 epochs, "
+          f"{PAPER_RUN['iterations']:,} iterations)")
+    print(f"{'K-FAC collectives':<18} {'setting':<38} {'iterations':>10} {'SGD':>7} "
+          f"{'K-FAC':>7} {'stale':>7} {'stale/SGD per iteration':>24}")
+    for name, settings in estimates.items():
+        for setting, values in settings.items():
+            print(f"{name:<18} {setting:<38} {values['iterations']:>10} "
+                  + " ".join(f"{values[mode]:7.1f}" for mode in MODES)
+                  + f" {ratios[name]:24.2f}")
+    headline = next(iter(next(iter(estimates.values()))))
+    return {"paper_estimates": estimates,
+            "minutes_45_epochs_stale": {name: settings[headline]["kfac_stale"]
+                                        for name, settings in estimates.items()},
+            "minutes_45_epochs_sgd": next(iter(estimates.values()))[headline]["sgd"],
+            "stale_over_sgd_per_iteration": ratios,
+            "paper_minutes": PAPER_RUN["minutes"]}
+
+
 # -- main ---------------------------------------------------------------------------------
 def resolve_machine(args):
     machine = V100_EDR
@@ -194,9 +274,12 @@ def parse_args(argv=None):
                         help="mean refresh interval of stale K-FAC (configs' max_interval)")
     parser.add_argument("--assignment", choices=layer_assignment.ASSIGNMENTS,
                         default="balanced")
-    parser.add_argument("--kfac-collectives", choices=("ring_v", "allreduce"),
-                        default="ring_v", help="ours (ReduceScatterV/AllGatherV) or the "
-                        "authors' two all-reduces")
+    parser.add_argument("--kfac-collectives", choices=v_collectives.CHOICES,
+                        default="auto", help="the algorithm of the ReduceScatterV / "
+                        "AllGatherV in the stage table and plot (all of them are compared "
+                        "side by side): native (the library's V collective), two_phase (equal "
+                        "chunks + redistribution), allreduce (the authors' stand-in), auto "
+                        "(the cheapest per call, as our communicators choose)")
     parser.add_argument("--machine-json", help="machine parameters (from --calibrate)")
     for name in MACHINE_FIELDS:
         kind = int if name.endswith("_bytes") else float
@@ -255,36 +338,30 @@ def main(argv=None):
                                           args.in_channels, args.n_class, measured)
     except ValueError as error:
         raise SystemExit(f"scale_model.py: {error}") from None
-    rows = scaling_table(profile, compute, machine, args.ranks, args.stale_interval,
-                         args.assignment, args.kfac_collectives)
+    tables = {name: scaling_table(profile, compute, machine, args.ranks, args.stale_interval,
+                                  args.assignment, name)
+              for name in v_collectives.CHOICES}
+    rows = tables[args.kfac_collectives]
     print_table(rows, profile, machine, args)
+    print_side_by_side(tables, args.batchsize)
     figures = {"arch": profile.arch, "size": profile.size, "batchsize": args.batchsize,
                "machine": dataclasses.asdict(machine), "stale_interval": args.stale_interval,
                "assignment": args.assignment, "kfac_collectives": args.kfac_collectives,
                "compute": "measured" if measured else "modelled", "rows": rows}
-    paper_row = next((row for row in rows if row["ranks"] == PAPER_RUN["workers"]), None)
-    if paper_row is not None:
-        estimates = paper_estimates(paper_row, args.batchsize)
-        for values in estimates.values():
-            values.update({mode: round(values[mode], 3) for mode in MODES})
-        figures["paper_estimates"] = estimates
-        print(f"\nestimated minutes on {PAPER_RUN['workers']} workers (global batch "
-              f"{PAPER_RUN['workers'] * args.batchsize:,}); the paper: 74.9% top-1 in about "
-              f"{PAPER_RUN['minutes']:g} minutes (45 epochs, 1,760 iterations)")
-        for name, values in estimates.items():
-            print(f"  {name:<38} {values['iterations']:>6} iterations: "
-                  + ", ".join(f"{mode} {values[mode]:.1f} min" for mode in MODES))
+    workers = PAPER_RUN["workers"]
+    if workers in args.ranks:
+        figures.update(paper_figures(tables, args.batchsize))
     if comparison:
         print_comparison(comparison)
         figures["comparison"] = [dict(zip(("run", "stage", "model_s", "measured_s"), row))
                                  for row in comparison]
     os.makedirs(args.out, exist_ok=True)
     plot(rows, os.path.join(args.out, "scale_model.png"))
+    plot_algorithms(tables, os.path.join(args.out, "scale_algorithms.png"))
     with open(os.path.join(args.out, "scale_model.json"), "w") as f:
-        json.dump(figures, f, indent=1)
+        json.dump({**figures, "algorithms": tables}, f, indent=1)
     print(f"plot: {os.path.join(args.out, 'scale_model.png')}")
     print(json.dumps(figures))
-
 
 if __name__ == "__main__":
     main()

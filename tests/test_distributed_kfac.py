@@ -90,10 +90,16 @@ def test_bench_comm_float16_is_under_0_3_of_full_allreduce_and_bytes_match(capsy
     for row in rows:
         assert row["ours_fp16_over_a"] <= 0.3, row
         assert row["c_ours_fp16"] < row["b_authors_fp16"] < row["b_authors_fp32"], row
-    assert summary["bytes_match_model"] == {"float32": True, "float16": True}
-    stages = summary["measured"]["results"]["float16"][0]["stages"]
-    assert "reduce_scatter_v" in stages["2_reduce_scatter_statistics"]["collectives"]
-    assert "allgather_v" in stages["4_allgather_preconditioned_gradients"]["collectives"]
+        assert row["c_two_phase_fp16"] <= row["b_authors_fp16"], row
+    assert summary["bytes_match_model"] == {
+        f"{name} {dtype}": True for name in ("native", "two_phase", "allreduce")
+        for dtype in ("float32", "float16")}
+    for run in summary["measured"]["runs"]:
+        stages = run["per_rank"][0]["stages"]
+        rs = stages["2_reduce_scatter_statistics"]["collectives"]
+        ag = stages["4_allgather_preconditioned_gradients"]["collectives"]
+        assert rs["reduce_scatter_v"]["algorithms"] == {run["collectives"]: 1}, rs
+        assert ag["allgather_v"]["algorithms"] == {run["collectives"]: 1}, ag
     with capsys.disabled():
         print("\n" + "\n".join(result.stdout.splitlines()[:8]))
 

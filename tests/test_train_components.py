@@ -128,8 +128,11 @@ def test_atomic_write_leaves_no_temporary_file(tmp_path):
 
 def test_interval_meter_summarises_and_survives_a_checkpoint():
     meter = IntervalMeter()
-    report = {"stages": {"a": {"seconds": 0.2}, "b": {"seconds": 0.1}}, "bytes_sent": 10,
-              "bytes_received": 20, "due_layers": 3}
+    report = {"stages": {"a": {"seconds": 0.2, "collectives": {
+        "allgather_v": {"calls": 2, "algorithms": {"native": 1, "two_phase": 1}}}},
+        "b": {"seconds": 0.1, "collectives": {"reduce_scatter_v": {
+            "calls": 1, "algorithms": {"two_phase": 1}}, "barrier": {"calls": 1}}}},
+        "bytes_sent": 10, "bytes_received": 20, "due_layers": 3}
     meter.add((2.0, 3.0, 4.0), report, 0.5)
     copy = IntervalMeter()
     copy.load(json.loads(json.dumps(meter.state())))
@@ -139,8 +142,11 @@ def test_interval_meter_summarises_and_survives_a_checkpoint():
     assert summary["images_per_second"] == 8.0
     assert summary["seconds/a"] == pytest.approx(0.2) and summary["bytes_received"] == 40
     assert copy.due_layers == 6 and copy.updates == 2
+    # the log names the variable-count algorithms that ran, calls per operation
+    assert summary["collectives"] == {"allgather_v": {"native": 2, "two_phase": 2},
+                                      "reduce_scatter_v": {"two_phase": 2}}
     copy.reset()
-    assert copy.updates == 0 and copy.stage_seconds == {}
+    assert copy.updates == 0 and copy.stage_seconds == {} and copy.algorithms == {}
 
 
 def test_log_writer_and_reader(tmp_path):

@@ -62,8 +62,11 @@ def test_seconds_by_hand_and_auto_picks_the_cheapest():
     assert v.seconds("allreduce", "reduce_scatter_v", COUNTS, 4, 1.0, 4.0) == 6 * (1 + 3.5)
     # ring 3 (1 + 4); the slowest exchange is rank 2's: 3 messages and 6 values in
     assert v.seconds("two_phase", "reduce_scatter_v", COUNTS, 4, 1.0, 4.0) == 15 + 3 + 6
+    # two library calls (the equal chunks, the redistribution), each with its overhead
     assert v.seconds("two_phase", "reduce_scatter_v", COUNTS, 4, 1.0, 4.0,
-                     call_overhead=0.5) == 24.5
+                     call_overhead=0.5) == 25.0
+    assert v.seconds("native", "reduce_scatter_v", COUNTS, 4, 1.0, 4.0,
+                     call_overhead=0.5) == 33.5
     assert v.choose("reduce_scatter_v", COUNTS, 4, 1.0, 4.0) == "two_phase"
     # two equal segments: native is one step, two_phase one step and nothing to send; tie
     # goes to native

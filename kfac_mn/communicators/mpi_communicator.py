@@ -10,8 +10,9 @@ The variable-count collectives run one of :data:`~kfac_mn.communicators.v_collec
 ALGORITHMS` (``collectives``; ``auto`` picks the cheapest for each call by the alpha-beta
 model with ``alpha`` and ``bandwidth``): ``native`` (MPI_Reduce_scatter, MPI_Allgatherv; the
 ring model's bytes), ``allreduce`` (the authors' stand-in; the ring model's bytes) or
-``two_phase`` (our own ring over equal chunks with point-to-point messages and one
-MPI_Alltoallv; every byte and message it posts is counted).
+``two_phase`` (MPI_Reduce_scatter_block / MPI_Allgather over equal chunks and one
+MPI_Alltoallv for the redistribution; the equal chunks counted as a ring moves them, every
+piece of the redistribution as posted).
 """
 import itertools
 import pickle
@@ -161,7 +162,7 @@ class MpiCommunicator(CommunicatorBase):
         algorithm = self.v_algorithm(operation, counts, host.itemsize)
         start = time.perf_counter()
         if algorithm == "two_phase":
-            received, moved = self._two_phase_reduce_scatter(host, counts, mpi_type)
+            received, moved = self._two_phase_reduce_scatter(host, counts, mpi_type, mpi_sum)
         else:
             if algorithm == "allreduce":
                 offset = sum(counts[:self.rank])
@@ -209,12 +210,12 @@ class MpiCommunicator(CommunicatorBase):
                              moved.messages_sent, moved.messages_received, algorithm)
 
     # -- two_phase: equal chunks, then a redistribution ---------------------------------
-    def _ring_step(self, send, receive, mpi_type, moved):
-        """Send ``send`` to rank + 1 and receive ``receive`` from rank - 1; counted."""
-        right, left = (self.rank + 1) % self.size, (self.rank - 1) % self.size
-        self._comm.Sendrecv([send, send.size, mpi_type], right,
-                            recvbuf=[receive, receive.size, mpi_type], source=left)
-        return moved + v_collectives.Traffic(send.nbytes, receive.nbytes, 1, 1)
+    def _equal_chunks_traffic(self, k, itemsize):
+        """The equal-count phase's traffic: (P-1) chunks each way, as a ring or pairwise
+        exchange moves them (the library picks its algorithm; recursive halving or doubling
+        moves the same bytes in fewer messages)."""
+        steps = self.size - 1
+        return v_collectives.Traffic(steps * k * itemsize, steps * k * itemsize, steps, steps)
 
     def _redistribute(self, sendbuf, receive, counts, to_owners, mpi_type, moved):
         """One MPI_Alltoallv of :func:`~kfac_mn.communicators.v_collectives.exchange_plan`:
@@ -236,39 +237,38 @@ class MpiCommunicator(CommunicatorBase):
         return moved + v_collectives.Traffic(
             sum(sendcounts) * itemsize, sum(recvcounts) * itemsize, len(sends), len(receives))
 
-    def _two_phase_reduce_scatter(self, host, counts, mpi_type):
-        """Ring reduce-scatter of equal chunks (rank r sums chunk r), then each chunk holder
-        sends every owner its piece of the owner's segment; returns (segment, traffic)."""
+    def _two_phase_reduce_scatter(self, host, counts, mpi_type, mpi_sum):
+        """MPI_Reduce_scatter_block of equal chunks (rank r sums chunk r), then each chunk
+        holder sends every owner its piece of the owner's segment; returns (segment,
+        traffic)."""
         size, rank = self.size, self.rank
         k = v_collectives.chunk_length(host.size, size)
-        moved = v_collectives.Traffic()
         mine = numpy.empty(counts[rank], dtype=host.dtype)
         if k == 0:
-            return mine, moved
-        chunks = numpy.zeros((size, k), dtype=host.dtype)
-        chunks.reshape(-1)[:host.size] = host
-        incoming = numpy.empty(k, dtype=host.dtype)
-        for step in range(size - 1):  # step s: send chunk r-s-1, add chunk r-s-2 from r-1
-            moved = self._ring_step(chunks[(rank - step - 1) % size], incoming, mpi_type,
-                                    moved)
-            chunks[(rank - step - 2) % size] += incoming
-        moved = self._redistribute(chunks[rank], mine, counts, True, mpi_type, moved)
+            return mine, v_collectives.Traffic()
+        padded = numpy.zeros(size * k, dtype=host.dtype)
+        padded[:host.size] = host
+        chunk = numpy.empty(k, dtype=host.dtype)
+        self._comm.Reduce_scatter_block([padded, k, mpi_type], [chunk, k, mpi_type], mpi_sum)
+        moved = self._equal_chunks_traffic(k, host.itemsize)
+        moved = self._redistribute(chunk, mine, counts, True, mpi_type, moved)
         return mine, moved
 
     def _two_phase_allgather(self, host, counts, mpi_type):
-        """Each owner sends every chunk holder its piece of that chunk, then a ring all-gather
-        of the equal chunks; returns (whole buffer, traffic)."""
+        """Each owner sends every chunk holder its piece of that chunk, then an in-place
+        MPI_Allgather of the equal chunks; returns (whole buffer, traffic)."""
         size, rank = self.size, self.rank
         k = v_collectives.chunk_length(sum(counts), size)
-        moved = v_collectives.Traffic()
         if k == 0:
-            return numpy.empty(0, dtype=host.dtype), moved
+            return numpy.empty(0, dtype=host.dtype), v_collectives.Traffic()
         chunks = numpy.zeros((size, k), dtype=host.dtype)
-        moved = self._redistribute(host, chunks[rank], counts, False, mpi_type, moved)
-        for step in range(size - 1):  # step s: send chunk r-s, receive chunk r-s-1
-            moved = self._ring_step(chunks[(rank - step) % size],
-                                    chunks[(rank - step - 1) % size], mpi_type, moved)
-        return chunks.reshape(-1)[:sum(counts)].copy(), moved
+        moved = self._redistribute(host, chunks[rank], counts, False, mpi_type,
+                                   v_collectives.Traffic())
+        self._comm.Allgather(MPI.IN_PLACE, [chunks, k, mpi_type])
+        moved = moved + self._equal_chunks_traffic(k, host.itemsize)
+        gathered = chunks.reshape(-1)
+        return (gathered if gathered.size == sum(counts) else gathered[:sum(counts)].copy(),
+                moved)
 
     def allreduce(self, array):
         xp = backend.get_array_module(array)

@@ -16,11 +16,11 @@ redistribution of ``v_collectives.exchange_plan`` as grouped ncclSend / ncclRecv
 plan MPI runs as one Alltoallv).  ``auto`` picks the cheaper of ``native`` and ``allreduce``
 under the alpha-beta model; ``two_phase`` is opt-in (``collectives="two_phase"``) until it
 has been measured on more than one GPU.
-The stats name the all-reduce's operation ``reduce_scatter_v_as_allreduce`` or
-``allgather_v_as_allreduce`` and count each call's algorithm, so the traffic report says
-plainly what ran.  Bytes follow the
-ring model of :mod:`kfac_mn.communicators.traffic`, counting the padding that is really moved;
-seconds are measured with the stream synchronised at both ends of the collective.
+
+The stats count each call's algorithm under its operation, so the traffic report says plainly
+what ran.  Bytes follow the ring model of :mod:`kfac_mn.communicators.traffic`, counting the
+padding that is really moved (``two_phase``: ``v_collectives.traffic``); seconds are measured
+with the stream synchronised at both ends of the collective.
 
 float16, float32 and float64 buffers are supported (NCCL sums float16 in float16, as MPI's
 user-defined float16 sum does).  All ranks must call every collective in the same order
@@ -212,7 +212,7 @@ class NcclCommunicator(MpiCommunicator):
             return self._two_phase_reduce_scatter(send, counts, nccl_type)
         if algorithm == "allreduce":
             offset = sum(counts[:self.rank])
-            summed = self._allreduce_device(send, operation + "_as_allreduce", "allreduce")
+            summed = self._allreduce_device(send, operation, "allreduce")
             return summed[offset:offset + mine].copy()
         cupy = backend.cupy
         equal = all(count == width for count in counts)
@@ -246,7 +246,7 @@ class NcclCommunicator(MpiCommunicator):
             offset = sum(counts[:self.rank])
             placed = cupy.zeros(sum(counts), dtype=send.dtype)
             placed[offset:offset + send.size] = send
-            return self._allreduce_device(placed, operation + "_as_allreduce", "allreduce")
+            return self._allreduce_device(placed, operation, "allreduce")
         padded = send if send.size == width else pad_segments(cupy, send, [send.size], width)
         gathered = cupy.empty(width * self.size, dtype=send.dtype)
         self._run(operation, width,

@@ -13,21 +13,26 @@ run them (``ALGORITHMS``), over a buffer of B bytes cut into segments s_0 .. s_{
 * ``two_phase``: equal chunks, then a redistribution (the standard construction when only
   equal-count collectives are fast; Thakur, Rabenseifner and Gropp 2005 for their costs).
   The buffer is padded to P k values, k = ceil(n / P); chunk r is values [r k, (r+1) k).
-  ReduceScatterV = a ring reduce-scatter of the equal chunks (rank r ends with the sum of
-  chunk r), then every chunk holder sends each owner the part of its chunk that overlaps the
-  owner's segment (one all-to-all).  AllGatherV is the mirror: every owner sends each chunk
-  holder the part of its segment that falls in that chunk, then a ring all-gather of the
-  equal chunks.  Per rank about (P-1)/P B + s_max bytes instead of (P-1) s_max or 2 B:
+  ReduceScatterV = the library's equal-count reduce-scatter of the chunks
+  (MPI_Reduce_scatter_block, ncclReduceScatter; rank r ends with the sum of chunk r), then
+  every chunk holder sends each owner the part of its chunk that overlaps the owner's segment
+  (:func:`exchange_plan`: one MPI_Alltoallv, or grouped ncclSend / ncclRecv).  AllGatherV is
+  the mirror: every owner sends each chunk holder the part of its segment that falls in that
+  chunk, then an equal-count all-gather (MPI_Allgather, ncclAllGather).  Per rank about
+  (P-1)/P B + s_max bytes instead of (P-1) s_max or 2 B: two library calls,
   (P-1) (alpha + k / beta) + max over ranks (messages alpha + bytes / beta).
 
-:func:`traffic` gives what one rank sends and receives (bytes and messages) in each; for
-``two_phase`` these are exactly the messages :class:`~kfac_mn.communicators.mpi_communicator.
-MpiCommunicator` posts, for the other two the ring model of the library's algorithm
+:func:`traffic` gives what one rank sends and receives (bytes and messages) in each: for
+``two_phase`` the equal-count phase as a ring moves it ((P-1) chunks each way; recursive
+halving or doubling moves the same bytes in fewer messages) and the redistribution exactly as
+posted; for the other two the ring model of the library's algorithm
 (:mod:`kfac_mn.communicators.traffic`).  :func:`seconds` is the slowest rank's time under the
-alpha-beta model; :func:`choose` is ``auto``: the cheapest, ties to ``native``.  The cost model
-(:mod:`kfac_mn.cost_model.stage_costs`) uses the same two functions.
+alpha-beta model, with ``call_overhead`` per library call; :func:`choose` is ``auto``: the
+cheapest, ties to ``native``.  The cost model (:mod:`kfac_mn.cost_model.stage_costs`) uses the
+same functions.
 """
 import dataclasses
+import functools
 
 from kfac_mn.communicators import traffic as ring
 
@@ -72,12 +77,8 @@ def pieces(counts):
     return found
 
 
-def exchange_plan(counts, rank, to_owners):
-    """What ``rank`` does in the redistribution, as ``(sends, receives, local)`` lists of
-    ``(peer, source offset, target offset, length)``: chunk holders send owners the pieces of
-    their segments (``to_owners``, ReduceScatterV: source = the holder's chunk, target = the
-    owner's segment) or owners send chunk holders (AllGatherV: the reverse); a rank's piece
-    of its own chunk is copied locally.  Every communicator runs this one plan."""
+@functools.lru_cache(maxsize=256)
+def _exchange_plan(counts, rank, to_owners):
     sends, receives, local = [], [], []
     for r, q, length, in_chunk, in_segment in pieces(counts):
         source, target = (r, q) if to_owners else (q, r)
@@ -88,7 +89,19 @@ def exchange_plan(counts, rank, to_owners):
             sends.append((target, *offsets, length))
         elif target == rank:
             receives.append((source, *offsets, length))
-    return sends, receives, local
+    return tuple(sends), tuple(receives), tuple(local)
+
+
+def exchange_plan(counts, rank, to_owners):
+    """What ``rank`` does in the redistribution, as ``(sends, receives, local)`` lists of
+    ``(peer, source offset, target offset, length)``: chunk holders send owners the pieces of
+    their segments (``to_owners``, ReduceScatterV: source = the holder's chunk, target = the
+    owner's segment) or owners send chunk holders (AllGatherV: the reverse); a rank's piece
+    of its own chunk is copied locally.  Every communicator runs this one plan.  Plans are
+    cached: a step's counts repeat (at 1,024 ranks a plan takes about 0.4 ms of Python)."""
+    sends, receives, local = _exchange_plan(tuple(int(c) for c in counts), int(rank),
+                                            bool(to_owners))
+    return list(sends), list(receives), list(local)
 
 
 def exchange_traffic(counts, itemsize, to_owners):
@@ -150,9 +163,9 @@ def seconds(algorithm, operation, counts, itemsize, alpha, bandwidth, call_overh
         steps = (size - 1) * (alpha + max(counts) * itemsize / bandwidth)
     elif algorithm == "allreduce":
         steps = 2 * (size - 1) * (alpha + total * itemsize / size / bandwidth)
-    elif algorithm == "two_phase":
+    elif algorithm == "two_phase":  # two library calls: equal chunks and the redistribution
         k = chunk_length(total, size)
-        steps = (size - 1) * (alpha + k * itemsize / bandwidth) if k else 0.0
+        steps = call_overhead + (size - 1) * (alpha + k * itemsize / bandwidth) if k else 0.0
         steps += max(max(moved.messages_sent, moved.messages_received) * alpha
                      + max(moved.bytes_sent, moved.bytes_received) / bandwidth
                      for moved in exchange_traffic(counts, itemsize,

@@ -37,15 +37,16 @@ stages of ``DistributedKFAC``, the paper's Figure 1):
 * update (stage 5): momentum SGD and the weight rescaling, 7 parameter-sized float32 passes.
 
 Collectives, alpha-beta model (``alpha`` s per message, ``bandwidth`` B/s per link, plus
-``call_overhead`` s of software per call) of the ring
-algorithm (``kfac_mn.communicators.traffic``): in each of the P-1 steps of a ring
-reduce-scatter or all-gather every rank moves one segment at once, so a step lasts as long as
-the largest segment, ``(P-1)(alpha + max_r s_r / bandwidth)``; with equal segments this is the
-textbook ``(P-1) alpha + (P-1)/P B / bandwidth``.  Variable segments (one owner per layer) are
-therefore paid at the size of the largest one (NCCL's padding does the same, see
-``kfac_mn.communicators.padding``).  A ring all-reduce of B bytes:
-``2(P-1) alpha + 2 (P-1)/P B / bandwidth``.  ``--kfac-collectives allreduce`` models the
-authors' stand-in instead: the packed buffer and the gradients each all-reduced.
+``call_overhead`` s of software per library call), with the formulas of
+:mod:`kfac_mn.communicators.v_collectives`, the ones the communicators' ``auto`` chooses by.
+The ReduceScatterV of stage 2 and the AllGatherV of stage 4 (and stage 2's agreement
+all-gather) run one of its algorithms (``--kfac-collectives``): ``native``, a ring paced by
+the largest owner segment at each of its P-1 steps, ``(P-1)(alpha + max_r s_r /
+bandwidth)``, so one owner per layer pays the largest segment P-1 times; ``two_phase``, an
+equal-count ring over P equal chunks, ``(P-1)(alpha + B / P / bandwidth)``, plus the slowest
+rank's redistribution of chunk pieces to or from the owners; ``allreduce`` (the authors'
+stand-in), ``2(P-1)(alpha + B / P / bandwidth)``; ``auto``, the cheapest of the three per call.
+SGD: a ring all-reduce of the gradients.
 
 Stale K-FAC (``--stale-interval M``): every layer refreshes its factors and inverse once in M
 steps, so factors, statistics traffic and inversions are divided by M and the

@@ -1,12 +1,13 @@
-"""Bytes one rank sends and receives in a step, from the layer shapes alone (ring model of
-:mod:`kfac_mn.communicators.traffic`): the all-reduce alternatives and the collectives of
+"""Bytes one rank sends and receives in a step, from the layer shapes alone: the all-reduce
+alternatives (ring model of :mod:`kfac_mn.communicators.traffic`) and the collectives of
 ``DistributedKFAC`` (its agreement all-gather, ReduceScatterV and AllGatherV with their
-trailers), for a step that refreshes every layer."""
+trailers, under each algorithm of :mod:`kfac_mn.communicators.v_collectives`), for a step that
+refreshes every layer."""
 import math
 
 import numpy as np
 
-from kfac_mn.communicators import traffic
+from kfac_mn.communicators import traffic, v_collectives
 from kfac_mn.distributed import assignment, packed_layout
 
 FLOAT64 = 8
@@ -29,8 +30,9 @@ def allreduce_sent(count, itemsize, size):
                for rank in range(size))
 
 
-def ours_per_rank(items, owners, size, comm_dtype, adaptive=False):
-    """[(sent, received)] per rank of one DistributedKFAC step refreshing every layer."""
+def ours_per_rank(items, owners, size, comm_dtype, adaptive=False, algorithm="native"):
+    """[(sent, received)] per rank of one DistributedKFAC step refreshing every layer, its
+    variable-count collectives (the agreement's too) run by ``algorithm``."""
     itemsize = np.dtype(comm_dtype).itemsize
     half = np.dtype(comm_dtype) == np.float16
     due = [item.name for item in items if item.block is not None]
@@ -47,8 +49,10 @@ def ours_per_rank(items, owners, size, comm_dtype, adaptive=False):
             ag_counts[owner] += 2 if item.block is not None else 0
     totals = []
     for rank in range(size):
-        parts = [traffic.ring_allgather_bytes([side * FLOAT64] * size, rank),
-                 traffic.ring_reduce_scatter_bytes([c * itemsize for c in rs_counts], rank),
-                 traffic.ring_allgather_bytes([c * itemsize for c in ag_counts], rank)]
-        totals.append((sum(p[0] for p in parts), sum(p[1] for p in parts)))
+        parts = [v_collectives.traffic(algorithm, "allgather_v", [side] * size, FLOAT64,
+                                       rank),
+                 v_collectives.traffic(algorithm, "reduce_scatter_v", rs_counts, itemsize,
+                                       rank),
+                 v_collectives.traffic(algorithm, "allgather_v", ag_counts, itemsize, rank)]
+        totals.append((sum(p.bytes_sent for p in parts), sum(p.bytes_received for p in parts)))
     return totals

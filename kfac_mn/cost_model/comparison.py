@@ -1,8 +1,8 @@
 """The cost model next to measured runs: bench_kfac.py (one process) and bench_comm.py (its
-measured part: ``models.resnet_mnist`` at 28x28 on its ranks, float32 and float16
-communication).  Stages 2 and 4 absorb the wait for a slower rank in their first collective,
-so their measured value is the minimum over ranks (the rank that arrived last waited least);
-the others take the maximum."""
+measured part: ``models.resnet_mnist`` at 28x28 on its ranks, each variable-count algorithm
+with float32 and float16 communication).  Stages 2 and 4 absorb the wait for a slower rank in
+their first collective, so their measured value is the minimum over ranks (the rank that
+arrived last waited least); the others take the maximum."""
 import dataclasses
 import json
 
@@ -76,12 +76,15 @@ def comparison_rows(measured, machine, trace, in_channels=3, n_class=1000,
         run = measured["measured"]
         profile = trace("resnet_mnist", 28, 1, 10)
         rows = []
-        for dtype, per_rank in run["results"].items():
+        for measured_run in run["runs"]:
+            dtype, per_rank = measured_run["comm_dtype"], measured_run["per_rank"]
             bytes_value = numpy.dtype(dtype).itemsize
             at = dataclasses.replace(machine, comm_bytes=bytes_value)
             compute = make_compute(profile, at, run["batch"], measured_compute_json)
-            model = iteration(profile, compute, at, run["ranks"], "kfac_every_step")
-            label = f"resnet_mnist P={run['ranks']} {dtype} b={run['batch']}"
+            model = iteration(profile, compute, at, run["ranks"], "kfac_every_step",
+                              kfac_collectives=measured_run["collectives"])
+            label = (f"resnet_mnist P={run['ranks']} {measured_run['collectives']} {dtype} "
+                     f"b={run['batch']}")
             for name, parts in KFAC_STAGE_MAP.items():
                 values = [rank["stages"][name]["seconds"] for rank in per_rank]
                 found = min(values) if name in WAITING_STAGES else max(values)

@@ -3,12 +3,14 @@
 Compute per worker (stage 1's forward, backward and factors; stage 3's running factors,
 inversion and preconditioning per work item; stage 5's update), modelled from a
 :class:`~kfac_mn.cost_model.trace.Profile` and a :class:`~kfac_mn.cost_model.machine.Machine`
-or rescaled to a measured one-process run; the collectives by the alpha-beta model of a ring;
+or rescaled to a measured one-process run; the collectives by the alpha-beta formulas of
+:mod:`kfac_mn.communicators.v_collectives`, for each variable-count algorithm;
 :func:`iteration` puts them together for SGD, K-FAC every step and stale K-FAC.
 """
 import dataclasses
 import math
 
+from kfac_mn.communicators import v_collectives
 from kfac_mn.distributed import assignment as layer_assignment
 from kfac_mn.distributed import packed_layout
 from kfac_mn.fisher.blocks import KroneckerBlock
@@ -140,22 +142,29 @@ def measured_compute(profile, machine, batch, measured):
                    sgd["update"])
 
 
-def ring_seconds(segment_bytes, machine):
-    """A ring reduce-scatter or all-gather: the call's software overhead, then P-1 steps, each
-    as long as the largest segment."""
-    steps = len(segment_bytes) - 1
-    if not steps:
-        return 0.0
-    return machine.call_overhead + steps * (machine.alpha + max(segment_bytes)
-                                            / machine.bandwidth)
+def collective_seconds(algorithm, operation, counts, bytes_per_value, machine):
+    """Seconds of one variable-count collective of ``counts`` values per rank: the formulas of
+    :func:`kfac_mn.communicators.v_collectives.seconds` (the ones the communicators' ``auto``
+    uses) with the machine's alpha, bandwidth and call overhead; ``auto``: the cheapest."""
+    if algorithm == "auto":
+        return min(collective_seconds(name, operation, counts, bytes_per_value, machine)
+                   for name in v_collectives.ALGORITHMS)
+    return v_collectives.seconds(algorithm, operation, counts, bytes_per_value, machine.alpha,
+                                 machine.bandwidth, machine.call_overhead)
 
 
-def allreduce_seconds(nbytes, size, machine):
-    """A ring all-reduce of ``nbytes``: overhead + 2(P-1) alpha + 2 (P-1)/P nbytes / bandwidth."""
-    if size == 1:
-        return 0.0
-    return machine.call_overhead + 2 * (size - 1) * (machine.alpha
-                                                     + nbytes / size / machine.bandwidth)
+def chosen_algorithm(operation, counts, bytes_per_value, machine):
+    """The algorithm ``auto`` runs for this call."""
+    return v_collectives.choose(operation, counts, bytes_per_value, machine.alpha,
+                                machine.bandwidth)
+
+
+def allreduce_seconds(values, size, bytes_per_value, machine):
+    """A ring all-reduce of ``values`` values (SGD's gradients): overhead + 2(P-1) alpha +
+    2 (P-1)/P bytes / bandwidth."""
+    counts = [values // size + (rank < values % size) for rank in range(size)]
+    return collective_seconds("allreduce", "reduce_scatter_v", counts, bytes_per_value,
+                              machine)
 
 
 def packing_seconds(grad_segments, grad_values, stat_segments, stat_values, machine):
@@ -202,9 +211,20 @@ def layout(profile, size, method, half, adaptive):
                   stats)
 
 
+def stage_counts(plan, refresh):
+    """Values per owner rank of stage 2 (gradients and, on average, the ``refresh`` share of
+    the statistics) and of stage 4 (preconditioned gradients and the schedule trailer)."""
+    return ([round(g + s * refresh) for g, s in zip(plan.gradients, plan.statistics)],
+            [g + t for g, t in zip(plan.gradients, plan.trailer)])
+
+
 def iteration(profile, compute, machine, size, mode, stale_interval=20, method="balanced",
-              kfac_collectives="ring_v"):
-    """{stage: seconds} of one iteration on ``size`` workers in ``mode`` (see MODES)."""
+              kfac_collectives="auto"):
+    """{stage: seconds} of one iteration on ``size`` workers in ``mode`` (see MODES), the
+    variable-count collectives run by ``kfac_collectives`` (``v_collectives.CHOICES``)."""
+    if kfac_collectives not in v_collectives.CHOICES:
+        raise ValueError(f"unknown K-FAC collectives {kfac_collectives!r}; valid: "
+                         f"{', '.join(v_collectives.CHOICES)}")
     seconds = dict.fromkeys(STAGES, 0.0)
     seconds["forward_backward"] = compute.forward_backward
     seconds["update"] = compute.update
@@ -213,7 +233,7 @@ def iteration(profile, compute, machine, size, mode, stale_interval=20, method="
         seconds["forward_backward"] = compute.sgd_forward_backward
         seconds["update"] = compute.sgd_update
         gradients = sum(item.gradient_size() for item in profile.items)
-        seconds["reduce_scatter"] = allreduce_seconds(gradients * bytes_per_value, size,
+        seconds["reduce_scatter"] = allreduce_seconds(gradients, size, bytes_per_value,
                                                       machine)
         return seconds
     refresh = 1.0 if mode == "kfac_every_step" else 1.0 / stale_interval
@@ -224,30 +244,21 @@ def iteration(profile, compute, machine, size, mode, stale_interval=20, method="
         inversion, precondition = compute.owner[item.name]
         owner_load[owner] += inversion * refresh + precondition
     seconds["owner_work"] = max(owner_load)
-    agreement = ring_seconds([plan.agreement * 8] * size, machine)
-    if kfac_collectives == "allreduce":
-        total_stats = sum(plan.statistics) * refresh
-        total_grads = sum(plan.gradients)
-        seconds["reduce_scatter"] = agreement + allreduce_seconds(
-            (total_grads + total_stats) * bytes_per_value, size, machine) + packing_seconds(
-            plan.grad_segments, total_grads, plan.stat_segments * refresh, total_stats, machine)
-        seconds["allgather"] = allreduce_seconds(
-            total_grads * bytes_per_value, size, machine) + packing_seconds(
-            plan.grad_segments, total_grads, 0, 0, machine)
-        return seconds
-    stage2 = [(g + s * refresh) * bytes_per_value
-              for g, s in zip(plan.gradients, plan.statistics)]
-    stage4 = [(g + t) * bytes_per_value for g, t in zip(plan.gradients, plan.trailer)]
-    seconds["reduce_scatter"] = agreement + ring_seconds(stage2, machine) + packing_seconds(
-        plan.grad_segments, sum(plan.gradients), plan.stat_segments * refresh,
-        sum(plan.statistics) * refresh, machine)
-    seconds["allgather"] = ring_seconds(stage4, machine) + packing_seconds(
-        plan.grad_segments, sum(plan.gradients), 0, 0, machine)
+    agreement = collective_seconds(kfac_collectives, "allgather_v", [plan.agreement] * size,
+                                   8, machine)
+    stage2, stage4 = stage_counts(plan, refresh)
+    seconds["reduce_scatter"] = agreement + collective_seconds(
+        kfac_collectives, "reduce_scatter_v", stage2, bytes_per_value, machine) + \
+        packing_seconds(plan.grad_segments, sum(plan.gradients), plan.stat_segments * refresh,
+                        sum(plan.statistics) * refresh, machine)
+    seconds["allgather"] = collective_seconds(
+        kfac_collectives, "allgather_v", stage4, bytes_per_value, machine) + \
+        packing_seconds(plan.grad_segments, sum(plan.gradients), 0, 0, machine)
     return seconds
 
 
 def scaling_table(profile, compute, machine, ranks, stale_interval=20, method="balanced",
-                  kfac_collectives="ring_v"):
+                  kfac_collectives="auto"):
     """[{ranks, mode: {stages, total}}] of :func:`iteration` for each worker count."""
     rows = []
     for size in ranks:

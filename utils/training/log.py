@@ -32,6 +32,7 @@ class IntervalMeter:
         self.stage_seconds = {}
         self.bytes_sent = self.bytes_received = 0
         self.due_layers = 0
+        self.algorithms = {}  # {operation: {variable-count algorithm: calls}}
 
     def add(self, totals, report, seconds):
         """One update: ``totals`` = (loss x examples, hits, examples) over all ranks."""
@@ -43,6 +44,10 @@ class IntervalMeter:
         self.seconds += seconds
         for stage, values in report["stages"].items():
             self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + values["seconds"]
+            for operation, totals in values.get("collectives", {}).items():
+                for name, calls in totals.get("algorithms", {}).items():
+                    ran = self.algorithms.setdefault(operation, {})
+                    ran[name] = ran.get(name, 0) + calls
         self.bytes_sent += report["bytes_sent"]
         self.bytes_received += report["bytes_received"]
         self.due_layers += report.get("due_layers", 0)
@@ -53,6 +58,9 @@ class IntervalMeter:
                   "main/accuracy": self.hits / self.examples,
                   "images_per_second": self.examples / self.seconds if self.seconds else 0.0,
                   "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received}
+        if self.algorithms:  # which variable-count algorithm ran, calls per operation
+            record["collectives"] = {operation: dict(sorted(ran.items()))
+                                     for operation, ran in sorted(self.algorithms.items())}
         for stage, seconds in self.stage_seconds.items():
             record[f"seconds/{stage}"] = seconds / self.updates
         return record
