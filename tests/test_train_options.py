@@ -30,6 +30,13 @@ RECIPE = {
 }
 
 
+@pytest.fixture(autouse=True)
+def in_empty_directory(tmp_path, monkeypatch):
+    """parse_options checks the default --out (result/ under the working directory): run in
+    an empty one, whatever runs the developer left in the checkout."""
+    monkeypatch.chdir(tmp_path)
+
+
 def write_config(tmp_path, values, name="run.json"):
     path = tmp_path / name
     path.write_text(json.dumps(values))
@@ -90,7 +97,7 @@ def test_every_boolean_flag_can_be_turned_on_and_off():
     flags = [action for action in parser._actions
              if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction,
                                     argparse.BooleanOptionalAction))]
-    assert {action.dest for action in flags} == {"flip", "skip_corrupt", "gpu",
+    assert {action.dest for action in flags} == {"flip", "skip_corrupt", "gpu", "overwrite",
                                                  "momentum_scaling", "weight_rescale",
                                                  "progress", "plot"}
     for action in flags:
@@ -117,6 +124,15 @@ def test_every_boolean_flag_can_be_turned_on_and_off():
     (["--communicator", "nccl"], "--communicator nccl needs --gpu"),
     (["--factor-dtype", "int8"], "argument --factor-dtype: invalid choice: 'int8'"),
     (["--bogus"], "unrecognized arguments: --bogus"),
+    # NaN passes every range check, so every number option is checked for it by name
+    (["--lr", "nan"], "--lr must be a finite number, got nan"),
+    (["--lr", "inf"], "--lr must be a finite number, got inf"),
+    (["--damping", "nan"], "--damping must be a finite number, got nan"),
+    (["--weight-decay", "nan"], "--weight-decay must be a finite number, got nan"),
+    (["--stale-threshold", "nan"], "--stale-threshold must be a finite number, got nan"),
+    (["--mixup-alpha", "nan"], "--mixup-alpha must be a finite number, got nan"),
+    (["--lr-milestones", "1", "inf"], "--lr-milestones must be a finite number, got [1.0, "
+                                      "inf]"),
 ])
 def test_bad_options_are_clear_errors(argv, message):
     with pytest.raises(OptionError) as error:
@@ -179,3 +195,40 @@ def test_every_config_file_parses():
     assert names == sorted([f"kfac_{b // 1024}k.json" for b in RECIPE] + ["sgd_goyal_8k.json"])
     for name in names:
         read_config(str(CONFIGS / name), build_parser())
+
+
+def test_every_number_option_rejects_nan():
+    for action in config_actions(build_parser()).values():
+        if action.type is float:
+            flag = action.option_strings[0]
+            values = ["1", "nan"] if action.nargs == "+" else ["nan"]
+            with pytest.raises(OptionError, match=f"{flag} must be a finite number"):
+                parse_options([flag, *values])
+
+
+def test_a_config_file_with_nan_names_the_file_and_key(tmp_path):
+    path = tmp_path / "nan.json"
+    path.write_text('{"damping": NaN}')
+    with pytest.raises(OptionError, match=f"{path}: key 'damping' must be a finite number"):
+        parse_options(["--config", str(path)])
+
+
+def test_out_is_checked_before_any_work(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OptionError, match=r"--out .*file: is a file, not a directory"):
+        parse_options(["--out", str(tmp_path / "file")])
+    with pytest.raises(OptionError, match=r"--out /proc/kfac_out: cannot write in /proc"):
+        parse_options(["--out", "/proc/kfac_out"])
+    run = tmp_path / "run"
+    run.mkdir()
+    parse_options(["--out", str(run)])  # an empty directory is fine
+    (run / "log.jsonl").write_text("{}\n")
+    (run / "snapshot_iter_000010").mkdir()
+    with pytest.raises(OptionError) as error:
+        parse_options(["--out", str(run)])
+    assert str(error.value) == (
+        f"--out {run} already holds a run (log.jsonl, snapshot_iter_000010); continue it with "
+        f"--resume {run}, choose another --out, or pass --overwrite to start a new run there")
+    assert (run / "log.jsonl").read_text() == "{}\n"  # nothing touched
+    assert parse_options(["--out", str(run), "--overwrite"]).overwrite
+    assert parse_options(["--out", str(run), "--resume", str(run)]).resume == str(run)

@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import os
+import tempfile
 
 from kfac_mn.communicators import COMMUNICATOR_NAMES, v_collectives
 from kfac_mn.communicators.communicator_base import DEFAULT_ALPHA, DEFAULT_BANDWIDTH
@@ -119,7 +120,13 @@ def build_parser():
     training.add_argument("--optimizer", choices=OPTIMIZERS, default="kfac")
     training.add_argument("--seed", type=int, default=0,
                           help="initial weights, data order and augmentation")
-    training.add_argument("--out", "-o", default="result", help="output directory")
+    training.add_argument("--out", "-o", default="result",
+                          help="output directory; one that already holds a run needs "
+                               "--resume (to continue it) or --overwrite")
+    training.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
+                          help="start a new run in an --out that holds one: its log and "
+                               "options are rewritten, its snapshots replaced as new ones "
+                               "are written")
     training.add_argument("--resume", "-r", metavar="DIR",
                           help="continue from a checkpoint: a snapshot directory, or an "
                                "output directory (its latest snapshot)")
@@ -251,7 +258,10 @@ def _checked_value(path, key, action, value):
         raise OptionError(f"{path}: key {key!r} must be {_describe_type(action)}, "
                           f"got {json.dumps(value)}")
     if action.type is float:
-        return [float(v) for v in value] if action.nargs == "+" else float(value)
+        numbers = [float(v) for v in value] if action.nargs == "+" else [float(value)]
+        if not all(math.isfinite(v) for v in numbers):
+            raise OptionError(f"{path}: key {key!r} must be a finite number, got {value}")
+        return numbers if action.nargs == "+" else numbers[0]
     return value
 
 
@@ -314,8 +324,53 @@ def _at_least(options, name, lowest):
         raise OptionError(f"--{name.replace('_', '-')} must be at least {lowest}, got {value}")
 
 
+def _check_finite(options):
+    """Every number option (flags and config keys) is finite: NaN passes every range check
+    (all comparisons with it are false), and a NaN lr or damping would only show up as NaN
+    weights."""
+    for action in config_actions(build_parser()).values():
+        if action.type is not float:
+            continue
+        value = getattr(options, action.dest)
+        values = value if isinstance(value, list) else [value]
+        if any(v is not None and not math.isfinite(v) for v in values):
+            raise OptionError(f"{action.option_strings[0]} must be a finite number, got "
+                              f"{value}")
+
+
+#: files whose presence in --out means it holds a run
+RUN_FILES = ("log.jsonl", "options.json", "latest.json")
+
+
+def _check_output(options):
+    """--out before any work: not a file, writable (or creatable), and not a run's directory
+    unless --resume or --overwrite."""
+    out = options.out
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise OptionError(f"--out {out}: is a file, not a directory")
+    existing = os.path.abspath(out)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    try:  # a probe file says more than os.access (read-only mounts, root)
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise OptionError(f"--out {out}: cannot write in {existing} ({error.strerror})") \
+            from None
+    if os.path.isdir(out) and options.resume is None and not options.overwrite:
+        found = sorted(name for name in os.listdir(out)
+                       if name in RUN_FILES or name.startswith("snapshot_iter_"))
+        if found:
+            raise OptionError(
+                f"--out {out} already holds a run ({', '.join(found[:4])}"
+                f"{', ...' if len(found) > 4 else ''}); continue it with --resume {out}, "
+                "choose another --out, or pass --overwrite to start a new run there")
+
+
 def check_options(options):
     """Checks of single options and of combinations that do not need the world size."""
+    _check_finite(options)
+    _check_output(options)
     for name, lowest in (("batchsize", 1), ("val_batchsize", 1), ("acc_iters", 1),
                          ("global_batch", 0), ("train_size", 0), ("val_size", 0),
                          ("insize", 1), ("val_resize", 1), ("loaderjob", 0), ("seed", 0),
@@ -344,9 +399,6 @@ def check_options(options):
         raise OptionError(f"--crop-scale-min must be in (0, 1], got {options.crop_scale_min}")
     if options.communicator == "nccl" and not options.gpu:
         raise OptionError("--communicator nccl needs --gpu (NCCL moves CuPy arrays)")
-    if options.communicator == "nccl" and options.collectives == "two_phase":
-        raise OptionError("--collectives two_phase runs on --communicator mpi only (NCCL: "
-                          "auto, native or allreduce)")
     for name in ("comm_alpha", "comm_bandwidth"):
         if not (math.isfinite(getattr(options, name)) and getattr(options, name) > 0):
             raise OptionError(f"--{name.replace('_', '-')} must be a positive number, got "
