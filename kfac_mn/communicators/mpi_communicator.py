@@ -210,13 +210,6 @@ class MpiCommunicator(CommunicatorBase):
                              moved.messages_sent, moved.messages_received, algorithm)
 
     # -- two_phase: equal chunks, then a redistribution ---------------------------------
-    def _equal_chunks_traffic(self, k, itemsize):
-        """The equal-count phase's traffic: (P-1) chunks each way, as a ring or pairwise
-        exchange moves them (the library picks its algorithm; recursive halving or doubling
-        moves the same bytes in fewer messages)."""
-        steps = self.size - 1
-        return v_collectives.Traffic(steps * k * itemsize, steps * k * itemsize, steps, steps)
-
     def _redistribute(self, sendbuf, receive, counts, to_owners, mpi_type, moved):
         """One MPI_Alltoallv of :func:`~kfac_mn.communicators.v_collectives.exchange_plan`:
         chunk holders to owners (``to_owners``) or owners to chunk holders; ``sendbuf`` is
@@ -250,7 +243,7 @@ class MpiCommunicator(CommunicatorBase):
         padded[:host.size] = host
         chunk = numpy.empty(k, dtype=host.dtype)
         self._comm.Reduce_scatter_block([padded, k, mpi_type], [chunk, k, mpi_type], mpi_sum)
-        moved = self._equal_chunks_traffic(k, host.itemsize)
+        moved = v_collectives.equal_chunks_traffic(host.size, size, host.itemsize)
         moved = self._redistribute(chunk, mine, counts, True, mpi_type, moved)
         return mine, moved
 
@@ -265,7 +258,7 @@ class MpiCommunicator(CommunicatorBase):
         moved = self._redistribute(host, chunks[rank], counts, False, mpi_type,
                                    v_collectives.Traffic())
         self._comm.Allgather(MPI.IN_PLACE, [chunks, k, mpi_type])
-        moved = moved + self._equal_chunks_traffic(k, host.itemsize)
+        moved = moved + v_collectives.equal_chunks_traffic(sum(counts), size, host.itemsize)
         gathered = chunks.reshape(-1)
         return (gathered if gathered.size == sum(counts) else gathered[:sum(counts)].copy(),
                 moved)

@@ -92,15 +92,13 @@ class NcclCommunicator(MpiCommunicator):
     def _run(self, operation, count, collective, moved, algorithm=None):
         """Run ``collective(stream pointer)`` (skipped for 0 elements) and record it:
         ``moved`` is (bytes sent, bytes received) by the ring model, NCCL's own messages not
-        counted, or a ``v_collectives.Traffic`` (``two_phase``: the ring model's messages
-        and the redistribution's own)."""
+        counted, or for ``two_phase`` also (messages sent, messages received): the ring
+        model's and the redistribution's own."""
         backend.synchronize()
         start = time.perf_counter()
         if count:
             collective(backend.cupy.cuda.get_current_stream().ptr)
             backend.synchronize()
-        if isinstance(moved, v_collectives.Traffic):
-            moved = dataclasses.astuple(moved)
         self._traffic.record(operation, *moved[:2], time.perf_counter() - start, *moved[2:],
                              algorithm=algorithm)
 
@@ -138,8 +136,8 @@ class NcclCommunicator(MpiCommunicator):
                                      self._nccl_sum, stream)
             self._exchange(chunk, mine, counts, True, nccl_type, stream)
 
-        self._run("reduce_scatter_v", k, collective, v_collectives.traffic(
-            "two_phase", "reduce_scatter_v", counts, send.itemsize, self.rank), "two_phase")
+        self._run("reduce_scatter_v", k, collective, dataclasses.astuple(v_collectives.traffic(
+            "two_phase", "reduce_scatter_v", counts, send.itemsize, self.rank)), "two_phase")
         return mine
 
     def _two_phase_allgather(self, send, counts, nccl_type):
@@ -154,8 +152,8 @@ class NcclCommunicator(MpiCommunicator):
             self._exchange(send, mine, counts, False, nccl_type, stream)
             self._nccl.allGather(mine.data.ptr, chunks.data.ptr, k, nccl_type, stream)
 
-        self._run("allgather_v", k, collective, v_collectives.traffic(
-            "two_phase", "allgather_v", counts, send.itemsize, self.rank), "two_phase")
+        self._run("allgather_v", k, collective, dataclasses.astuple(v_collectives.traffic(
+            "two_phase", "allgather_v", counts, send.itemsize, self.rank)), "two_phase")
         return chunks if chunks.size == sum(counts) else chunks[:sum(counts)].copy()
 
     def _allreduce_device(self, vector, operation, algorithm=None):

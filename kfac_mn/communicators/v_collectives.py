@@ -120,9 +120,11 @@ def exchange_traffic(counts, itemsize, to_owners):
                                                  messages_received)]
 
 
-def _equal_ring(counts, itemsize):
-    size = len(counts)
-    k = chunk_length(sum(counts), size)
+def equal_chunks_traffic(total, size, itemsize):
+    """:class:`Traffic` of ``two_phase``'s equal-count phase over ``total`` values: (P-1)
+    chunks each way, as a ring or pairwise exchange moves them (recursive halving or doubling
+    moves the same bytes in fewer messages)."""
+    k = chunk_length(total, size)
     steps = size - 1 if k else 0
     return Traffic(steps * k * itemsize, steps * k * itemsize, steps, steps)
 
@@ -136,7 +138,7 @@ def traffic(algorithm, operation, counts, itemsize, rank):
     if algorithm == "two_phase":
         # reduce-scatter: ring, then chunk holders -> owners; all-gather: owners -> chunk
         # holders, then ring
-        return _equal_ring(counts, itemsize) + exchange_traffic(
+        return equal_chunks_traffic(sum(counts), size, itemsize) + exchange_traffic(
             counts, itemsize, to_owners=operation == "reduce_scatter_v")[rank]
     segment_bytes = [c * itemsize for c in counts]
     if algorithm == "native":

@@ -10,10 +10,14 @@ PAPER_RUN = {"workers": 1024, "global_batch": 32768, "epochs": 45, "iterations":
              "minutes": 10.0}
 
 
+#: the key of the paper's own setting in :func:`paper_estimates`
+HEADLINE = "45 epochs (paper: 1,760 iterations)"
+
+
 def paper_estimates(row, batchsize):
     """Minutes of the paper's 1,024-worker runs at the modelled seconds per iteration."""
     global_batch = row["ranks"] * batchsize
-    settings = {"45 epochs (paper: 1,760 iterations)": PAPER_RUN["iterations"],
+    settings = {HEADLINE: PAPER_RUN["iterations"],
                 "35 epochs": math.ceil(35 * IMAGENET_TRAIN_IMAGES / global_batch)}
     return {name: {"iterations": iterations,
                    **{mode: iterations * row[mode]["total"] / 60 for mode in MODES}}

@@ -153,12 +153,6 @@ def collective_seconds(algorithm, operation, counts, bytes_per_value, machine):
                                  machine.bandwidth, machine.call_overhead)
 
 
-def chosen_algorithm(operation, counts, bytes_per_value, machine):
-    """The algorithm ``auto`` runs for this call."""
-    return v_collectives.choose(operation, counts, bytes_per_value, machine.alpha,
-                                machine.bandwidth)
-
-
 def allreduce_seconds(values, size, bytes_per_value, machine):
     """A ring all-reduce of ``values`` values (SGD's gradients): overhead + 2(P-1) alpha +
     2 (P-1)/P bytes / bandwidth."""
