@@ -14,9 +14,17 @@ optimizer, the lr schedules and the loaders, handed to a
 epoch end, ``log.jsonl``, a stop on SIGTERM/SIGINT or on a NaN loss).  Rank 0 shows a
 progress bar and, at the end, writes ``loss.png`` and ``accuracy.png``.
 
-Exit status: 0 done, 1 diverged (NaN/inf loss), 2 bad options or data (before any work),
+Nothing good is lost: every option, file and label is checked on every rank before any work;
+snapshots are verified on resume (the newest intact one is used); a run that diverges stops
+without writing; a rank that hangs is named by the watchdog (``--timeout``), which ends the
+job.  A run written by P workers resumes on Q when the global batch can be kept.
+
+Exit status: 0 done, 1 diverged (loss, weights or validation not finite, a factor K-FAC
+cannot invert, a loss that stays too high), 2 bad options or data, 3 a snapshot could not be
+written (the previous one is kept), 4 a collective timed out (the watchdog aborted the job),
 128 + signal number after a checkpoint on SIGTERM/SIGINT.
 """
+import os
 import sys
 
 from utils.training.blas_threads import share_cores_between_ranks
@@ -27,22 +35,25 @@ import numpy  # noqa: E402
 
 from kfac_mn import backend  # noqa: E402
 from kfac_mn.communicators import create_communicator  # noqa: E402
+from kfac_mn.communicators.watchdog import Watchdog, WatchedCommunicator  # noqa: E402
 from models import archs  # noqa: E402
-from utils.training import checkpoint  # noqa: E402
+from utils.training import snapshot_reader  # noqa: E402
+from utils.training.data_checks import DecodeProgress, check_files  # noqa: E402
 from utils.training.datasets import build_datasets, build_loaders, dataset_kind  # noqa: E402
 from utils.training.optimizer import build_optimizer, build_schedules  # noqa: E402
 from utils.training.options import (  # noqa: E402
     OptionError,
     check_world,
-    global_batch,
     parse_options,
     resolve_arch,
     resolve_image_sizes,
 )
+from utils.training.resume_checks import check_resumable, keep_global_batch  # noqa: E402
 from utils.training.step import MeteredClassifier  # noqa: E402
 from utils.training.trainer import PROG, Trainer  # noqa: E402
 
 EXIT_USAGE = 2
+EXIT_HUNG = 4
 
 
 def fail_usage(message, rank):
@@ -57,34 +68,37 @@ def _message(error):
     return error.args[0] if isinstance(error, KeyError) and error.args else str(error)
 
 
-def prepare(options, comm):
-    """Everything that can fail on bad input, before any training: the datasets, the resume
-    checkpoint's compatibility, the model.  Returns (train set, val set, model, snapshot folder
-    to resume or None); raises OptionError/ValueError/OSError/KeyError."""
+def choose_resume(options, comm):
+    """The snapshot ``--resume`` means, verified (collective): ``(directory, meta)`` or
+    ``(None, None)``; says which damaged snapshots were passed over."""
+    if options.resume is None:
+        return None, None
+    directory, meta, skipped = snapshot_reader.choose_snapshot(options.resume, comm)
+    if skipped and comm.rank == 0:
+        sys.stderr.write(f"{PROG}: --resume {options.resume}: passed over damaged snapshots "
+                         f"({'; '.join(skipped)}); resuming from {directory}, the newest "
+                         "intact one\n")
+    keep_global_batch(options, meta, comm.size)
+    return directory, meta
+
+
+def prepare(options, comm, resume_dir, resume_meta):
+    """Everything that can fail on bad input and needs no other rank, before any training:
+    the batch arithmetic, the datasets, the model, the resume checkpoint's compatibility.
+    Returns (train set, val set, model); raises OptionError/ValueError/OSError/KeyError."""
     check_world(options, comm.size)
     kind = dataset_kind(options)
     resolve_arch(options, kind)
     if options.gpu and not backend.gpu_available():
         raise OptionError("--gpu needs CuPy and a visible CUDA device")
     train_set, val_set = build_datasets(options)
-    resume_dir = None
-    if options.resume is not None:
-        resume_dir = checkpoint.find_snapshot(options.resume)
-        meta = checkpoint.read_meta(resume_dir)
-        checkpoint.check_resumable(resume_dir, meta, options, comm.size, comm.rank)
-        for key, flag, mine in (("seed", "--seed", options.seed),
-                                ("global_batch", "--global-batch",
-                                 global_batch(options, comm.size)),
-                                ("train_examples", "--train/--train-size", len(train_set))):
-            if meta[key] != mine:
-                raise ValueError(f"--resume {resume_dir}: the checkpoint has {key} "
-                                 f"{meta[key]}, this run {mine} ({flag}); the data order "
-                                 "could not continue")
     numpy.random.seed(options.seed)  # the initializers draw from NumPy's global RNG
     model = archs[options.arch](n_class=train_set.n_class, in_channels=train_set.channels)
     if kind == "images":
         resolve_image_sizes(options, model.insize)
-    return train_set, val_set, model, resume_dir
+    if resume_meta is not None:
+        check_resumable(resume_dir, resume_meta, options, comm.size, len(train_set))
+    return train_set, val_set, model
 
 
 def agree_on_errors(comm, error):
@@ -96,6 +110,42 @@ def agree_on_errors(comm, error):
         combined = distinct[0] if len(distinct) == 1 else "; ".join(
             f"rank {r}: {e}" for r, e in enumerate(errors) if e is not None)
     return comm.bcast_obj(combined)
+
+
+def checked(comm, phase, *args):
+    """``phase(*args)`` on every rank; any rank's bad input ends every rank (status 2)."""
+    error = result = None
+    try:
+        result = phase(*args)
+    except (OptionError, ValueError, OSError, KeyError) as caught:
+        error = caught
+    message = agree_on_errors(comm, error)
+    if message is not None:
+        fail_usage(message, comm.rank)
+    return result
+
+
+def check_data(options, train_set, val_set, comm):
+    """The files of both sets, shared out among the ranks (:mod:`data_checks`)."""
+    progress = None
+    if options.verify_images and comm.rank == 0 and options.progress:
+        progress = DecodeProgress((len(train_set) + len(val_set)) // comm.size)
+    threads = max(1, (os.cpu_count() or 1) // max(1, comm.intra_size))
+    problems = check_files(options, train_set, val_set, comm, threads, progress)
+    if problems and comm.rank == 0:
+        sys.stderr.write(f"{PROG}: --skip-corrupt: {len(problems)} unreadable image "
+                         f"file(s) will be gone past: {'; '.join(problems[:20])}"
+                         f"{' ...' if len(problems) > 20 else ''}\n")
+
+
+def watched(options, comm):
+    """``comm`` under the watchdog of ``--timeout`` (collective), or as it is."""
+    if comm.size == 1 or not options.timeout:
+        return comm, None
+    watchdog = Watchdog(comm.mpi_comm, options.timeout, exit_code=EXIT_HUNG,
+                        hint=f"restart the job with --resume {options.out} (its last good "
+                             "snapshot)")
+    return WatchedCommunicator(comm, watchdog), watchdog.start()
 
 
 def main(argv=None):
@@ -112,27 +162,23 @@ def main(argv=None):
         fail_usage(str(error), world_rank)
     except RuntimeError as error:  # what the communicator needs is missing (CuPy, NCCL, GPU)
         fail_usage(f"--communicator {options.communicator}: {error}", world_rank)
-    error = prepared = None
-    try:
-        prepared = prepare(options, comm)
-    except (OptionError, ValueError, OSError, KeyError) as caught:
-        error = caught
-    message = agree_on_errors(comm, error)
-    if message is not None:
-        fail_usage(message, comm.rank)
-    train_set, val_set, model, resume_dir = prepared
+    resume_dir, resume_meta = checked(comm, choose_resume, options, comm)
+    train_set, val_set, model = checked(comm, prepare, options, comm, resume_dir,
+                                        resume_meta)
+    checked(comm, check_data, options, train_set, val_set, comm)
 
     classifier = MeteredClassifier(model)
     if options.gpu:
         backend.cupy.cuda.Device(comm.intra_rank).use()
         classifier.to_gpu()
+    comm, watchdog = watched(options, comm)
     optimizer = build_optimizer(options, comm, classifier)  # rank 0's weights on every rank
     schedules = build_schedules(options, comm.size)
     train_loader, val_loader = build_loaders(options, train_set, val_set, comm.rank,
                                              comm.size)
     trainer = Trainer(options, comm, classifier, optimizer, schedules, train_loader,
                       val_loader, len(train_set))
-    kept_records = trainer.resume(resume_dir) if resume_dir is not None else []
+    kept_records = trainer.resume(resume_dir, resume_meta) if resume_dir is not None else []
     trainer.start_log(kept_records)
     try:
         status = trainer.run()
@@ -141,6 +187,8 @@ def main(argv=None):
     finally:
         train_loader.close()
         val_loader.close()
+        if watchdog is not None:
+            watchdog.stop()
     return status
 
 

@@ -2,6 +2,7 @@
 import importlib.util
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -112,6 +113,22 @@ def test_uncaught_exception_on_one_rank_aborts_the_whole_job():
     assert seconds < 30
     assert "RuntimeError: rank 1 failed on purpose" in output, output
     assert "[rank 1/3] uncaught exception, aborting the MPI job" in output, output
+
+
+@pytest.mark.mpi
+def test_the_watchdog_names_the_collective_and_the_missing_rank_then_aborts():
+    status, output, seconds = run_mpi("check_watchdog.py", 4, timeout=40)
+    assert status == 4 and seconds < 15, (status, seconds, output)
+    pattern = (r"watchdog on rank 0 of 4: no collective completed for 3 s \(--timeout 3\): "
+               r"this rank is waiting in allreduce_obj \(call 4\) for 3 s\n"
+               r"  ranks that did not arrive \(no answer within 0.75 s: stopped, hung or dead\): "
+               r"1\n"
+               r"  rank 2: working, not in a collective, for [34] s \(after collective call 3\)\n"
+               r"  rank 3: waiting in allreduce_obj \(call 4\) for 3 s\n"
+               r"  aborting the MPI job \(exit status 4\) without writing anything; the hint\n")
+    assert re.search(pattern, output), output
+    assert output.count("watchdog on rank") == 1, output
+    assert "the fourth collective completed" not in output
 
 
 # -- no MPI needed -------------------------------------------------------------------

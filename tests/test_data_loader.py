@@ -173,14 +173,45 @@ def test_skip_corrupt_leaves_the_image_out_and_counts_it(list_with_corrupt):
         assert loader.n_skipped == 2 and loader.state_dict()["n_skipped"] == 2
 
 
-def test_missing_image_from_a_worker_names_its_path(tmp_path, root, dataset):
+def test_missing_image_from_a_worker_names_its_path_or_is_gone_past(tmp_path, root, dataset):
     path = tmp_path / "list.txt"
-    path.write_text(f"{os.path.relpath(dataset.path(0), root)} 0\nn00000000/gone.JPEG 0\n")
-    loader = ShardedLoader(ImageListDataset(str(path), root=root), 2, transform=EVAL,
-                           n_workers=1, skip_corrupt=True)
+    path.write_text(f"{os.path.relpath(dataset.path(0), root)} 0\nn00000000/gone.JPEG 0\n"
+                    f"{os.path.relpath(dataset.path(1), root)} 1\n")
+    listed = ImageListDataset(str(path), root=root)
     gone = os.path.join(root, "n00000000", "gone.JPEG")
-    with pytest.raises(FileNotFoundError, match=re.escape(f"image file not found: {gone}")):
-        next(loader)
+    with ShardedLoader(listed, 3, transform=EVAL, n_workers=1, shuffle=False) as loader:
+        with pytest.raises(FileNotFoundError, match=re.escape(f"image file not found: {gone}")):
+            next(loader)
+    with ShardedLoader(listed, 3, transform=EVAL, n_workers=1, shuffle=False,
+                       skip_corrupt="drop") as loader:
+        with pytest.warns(RuntimeWarning, match=re.escape(f"skipped image file not found: "
+                                                          f"{gone}")):
+            x, t = next(loader)
+        assert t.tolist() == [0, 1] and loader.n_skipped == 1
+    # 'replace': the batch keeps its size; the missing example's place goes to the next one
+    with ShardedLoader(listed, 3, transform=EVAL, n_workers=0, shuffle=False,
+                       skip_corrupt="replace") as loader:
+        with pytest.warns(RuntimeWarning):
+            x, t = next(loader)
+        assert t.tolist() == [0, 1, 1] and loader.n_skipped == 1
+        assert numpy.array_equal(x[1], x[2])
+
+
+def test_replacing_never_hands_out_an_empty_batch_and_gives_up_only_on_nothing(tmp_path, root,
+                                                                               dataset):
+    path = tmp_path / "list.txt"
+    good = os.path.relpath(dataset.path(0), root)
+    path.write_text("a/gone.JPEG 0\nb/gone.JPEG 1\n" + f"{good} 2\n")
+    with ShardedLoader(ImageListDataset(str(path), root=root), 1, transform=EVAL, size=3,
+                       rank=0, shuffle=False, skip_corrupt="replace") as loader:
+        with pytest.warns(RuntimeWarning):
+            x, t = next(loader)
+        assert len(t) == 1 and t.tolist() == [2]  # examples 0 and 1 are missing
+    path.write_text("a/gone.JPEG 0\nb/gone.JPEG 1\n")
+    with ShardedLoader(ImageListDataset(str(path), root=root), 1, transform=EVAL,
+                       shuffle=False, skip_corrupt="replace") as loader:
+        with pytest.raises(OSError, match="no example of the data set can be read"):
+            next(loader)
 
 
 def test_close_stops_workers_and_a_dead_worker_is_reported(dataset):

@@ -56,6 +56,17 @@ def test_ranks_that_disagree_abort_the_job_with_the_reason(case, message):
     assert "no error was raised" not in output
 
 
+@pytest.mark.mpi
+def test_an_owner_that_cannot_invert_raises_after_stage_4_so_no_rank_waits():
+    status, output, seconds = run_mpi("check_distributed_errors.py", 2, "inversion",
+                                      timeout=30)
+    assert status == 0 and seconds < 30, output
+    for rank, layer in ((0, "/fc1"), (1, "/fc2")):
+        assert (f"rank {rank} owns ['{layer}']: InversionError (K-FAC: cannot invert the "
+                f"factor of {layer}/A even with damping") in output, output
+        assert output.count("went on") == 2, output
+
+
 def run_script(args, timeout=120):
     if find_mpiexec() is None:
         pytest.skip("no mpiexec (pip install mpich)")

@@ -3,120 +3,18 @@ plots, stop signals, micro-batches, data subsets and BLAS threads."""
 import io
 import json
 import os
-import random
 import signal
 
 import numpy as np
 import pytest
 
-from kfac_mn.optimizers import MomentumSGD
-from models import archs
 from utils.training import checkpoint
 from utils.training.blas_threads import share_cores_between_ranks
 from utils.training.datasets import FirstExamples
 from utils.training.log import IntervalMeter, LogWriter, interval_summary, read_log
 from utils.training.progress import ProgressBar
-from utils.training.step import MeteredClassifier, micro_batches
+from utils.training.step import micro_batches
 from utils.training.stop_signals import StopSignals
-
-
-class OneRank:
-    """What write_snapshot needs of a communicator, for a single process."""
-
-    rank, size = 0, 1
-
-    def barrier(self):
-        pass
-
-
-def model_and_optimizer(seed):
-    np.random.seed(seed)
-    classifier = MeteredClassifier(archs["resnet8"](n_class=3, in_channels=1))
-    optimizer = MomentumSGD(lr=0.1).setup(classifier)
-    return classifier, optimizer
-
-
-def train_one_step(classifier, optimizer, seed):
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((4, 1, 8, 8)).astype(np.float32)
-    optimizer.update(classifier, x, rng.integers(0, 3, 4).astype(np.int32))
-
-
-def meta(iteration, **changes):
-    options = {"arch": "resnet8", "optimizer": "sgd"}
-    return {"iteration": iteration, "size": 1, "options": options, **changes}
-
-
-def test_snapshot_round_trip_restores_model_optimizer_state_and_rngs(tmp_path):
-    classifier, optimizer = model_and_optimizer(0)
-    train_one_step(classifier, optimizer, 1)
-    np.random.seed(5)
-    random.seed(6)
-    state = {"iteration": 1, "rng": checkpoint.rng_states(), "loader": {"epoch": 0}}
-    expected_draws = (np.random.random(3).tolist(), random.random())
-    directory = checkpoint.write_snapshot(str(tmp_path), OneRank(),
-                                          checkpoint.RankSnapshot(classifier, optimizer, state),
-                                          meta(1))
-    assert directory == str(tmp_path / "snapshot_iter_000001")
-
-    restored, restored_optimizer = model_and_optimizer(1)  # other weights
-    snapshot = checkpoint.RankSnapshot(restored, restored_optimizer)
-    loaded = checkpoint.load_snapshot(checkpoint.find_snapshot(str(tmp_path)), 0, snapshot)
-    assert loaded == json.loads(json.dumps(state))
-    for (path, a), (_, b) in zip(classifier.namedparams(), restored.namedparams()):
-        assert np.array_equal(a.data, b.data), path
-        assert np.array_equal(a.update_rule.state["v"], b.update_rule.state["v"]), path
-    assert restored_optimizer.t == 1
-    np.random.seed(0)
-    random.seed(0)
-    checkpoint.set_rng_states(loaded["rng"])
-    assert (np.random.random(3).tolist(), random.random()) == expected_draws
-
-
-def test_a_new_snapshot_replaces_the_old_one_only_once_it_is_complete(tmp_path):
-    classifier, optimizer = model_and_optimizer(0)
-    out = str(tmp_path)
-    first = checkpoint.write_snapshot(out, OneRank(),
-                                      checkpoint.RankSnapshot(classifier, optimizer, {}), meta(4))
-    # a snapshot that a crash left without meta.json is never the latest, and is cleaned up
-    os.makedirs(tmp_path / "snapshot_iter_000006")
-    assert checkpoint.find_snapshot(out) == first
-    second = checkpoint.write_snapshot(out, OneRank(),
-                                       checkpoint.RankSnapshot(classifier, optimizer, {}),
-                                       meta(8))
-    assert checkpoint.find_snapshot(out) == second == checkpoint.latest_snapshot(out)
-    assert sorted(os.listdir(out)) == ["latest.json", "snapshot_iter_000008"]
-    assert sorted(os.listdir(second)) == ["meta.json", "rank_0.npz"]
-    assert checkpoint.find_snapshot(second) == second
-
-
-def test_resume_errors_name_the_checkpoint_and_the_flag(tmp_path):
-    with pytest.raises(FileNotFoundError, match="--resume .*: no checkpoint there"):
-        checkpoint.find_snapshot(str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="no such directory"):
-        checkpoint.find_snapshot(str(tmp_path / "missing"))
-    classifier, optimizer = model_and_optimizer(0)
-    directory = checkpoint.write_snapshot(str(tmp_path), OneRank(),
-                                          checkpoint.RankSnapshot(classifier, optimizer, {}),
-                                          meta(2, size=2))
-    saved = checkpoint.read_meta(directory)
-
-    class Options:
-        arch, optimizer = "resnet8", "sgd"
-
-    checkpoint.check_resumable(directory, saved, Options, 2, 0)
-    with pytest.raises(FileNotFoundError, match="rank_1.npz is missing"):
-        checkpoint.check_resumable(directory, saved, Options, 2, 1)
-    with pytest.raises(ValueError, match="written by 2 workers, this run has 1 .*mpiexec -n 2"):
-        checkpoint.check_resumable(directory, saved, Options, 1, 0)
-    Options.arch = "resnet20"
-    with pytest.raises(ValueError) as error:
-        checkpoint.check_resumable(directory, saved, Options, 2, 0)
-    assert str(error.value) == (f"--resume {directory}: the checkpoint was written with --arch "
-                                "resnet8, this run has --arch resnet20")
-    Options.arch, Options.optimizer = "resnet8", "kfac"
-    with pytest.raises(ValueError, match="--optimizer sgd, this run has --optimizer kfac"):
-        checkpoint.check_resumable(directory, saved, Options, 2, 0)
 
 
 def test_atomic_write_leaves_no_temporary_file(tmp_path):

@@ -23,7 +23,7 @@ from kfac_mn.optimizers import MomentumSGD
 from models import archs
 from tests.test_communicators import find_mpiexec, run_mpi
 from utils.data.sample_photos import write_photo_tree
-from utils.training import checkpoint
+from utils.training import checkpoint, snapshot_reader
 from utils.training.log import read_log
 from utils.training.step import MeteredClassifier
 
@@ -31,6 +31,11 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "train_imagenet.py"
 ITERATIONS_PER_EPOCH = 12
 TOTAL = 2 * ITERATIONS_PER_EPOCH
+
+
+def latest(out):
+    """The snapshot folder ``out/latest.json`` names."""
+    return os.path.join(str(out), checkpoint.latest_name(str(out)))
 
 
 def tiny(ranks, *extra):
@@ -109,7 +114,7 @@ def losses(out):
 
 def snapshot_arrays(out):
     """{rank file: {key: array}} of the latest snapshot of ``out``."""
-    directory = checkpoint.find_snapshot(str(out))
+    directory = latest(out)
     arrays = {}
     for name in sorted(os.listdir(directory)):
         if name.endswith(".npz"):
@@ -166,7 +171,7 @@ def test_killed_after_epoch_1_and_resumed_it_equals_the_uninterrupted_run(tmp_pa
     assert process.poll() is None, "the run ended before it could be killed"
     kill_tree(process, signal.SIGKILL)
     process.communicate()
-    assert checkpoint.find_snapshot(str(out)) == str(out / "snapshot_iter_000012")
+    assert latest(out) == str(out / "snapshot_iter_000012")
 
     status, output = run_training(tiny(ranks, "--out", str(out), "--resume", str(out)), ranks)
     assert status == 0, output
@@ -192,7 +197,7 @@ def test_a_stop_signal_writes_a_checkpoint_then_exits_and_the_run_resumes_exactl
     iteration = int(found.group(3))
     assert 5 <= iteration < TOTAL
     assert status == (128 + signum if ranks == 1 else status) and status != 0
-    assert checkpoint.find_snapshot(str(out)) == found.group(2) == str(
+    assert latest(out) == found.group(2) == str(
         out / checkpoint.snapshot_name(iteration))
 
     status, output = run_training(tiny(ranks, "--out", str(out), "--resume", str(out)), ranks)
@@ -212,21 +217,22 @@ def test_acc_iters_2_with_batch_b_is_batch_2b_and_validation_adds_up_over_ranks(
 # -- faults ---------------------------------------------------------------------------------
 def test_a_nan_loss_stops_naming_the_iteration_and_keeps_the_last_good_checkpoint(tmp_path):
     out = tmp_path / "run"
-    # from epoch 1 on the lr is 1e39: inf in float32, so update 13 makes the weights NaN
+    # from epoch 1 on the lr is 1e39: inf in float32, so update 13 makes the weights NaN,
+    # which the check after each logged update finds (before the next loss is NaN)
     args = tiny(1, "--out", str(out), "--optimizer", "sgd", "--lr-schedule", "step",
                 "--lr-milestones", "1", "--lr-decay-rate", "1e40")
     status, output = run_training(args)
     assert status == 1, output
     good = out / "snapshot_iter_000012"
-    assert (f"train_imagenet.py: the training loss is nan at iteration 14 (epoch 1.17); "
-            f"stopping without writing a checkpoint: the last good checkpoint is {good}") \
-        in output
-    assert checkpoint.find_snapshot(str(out)) == str(good)
+    assert re.search(r"train_imagenet.py: the weights are not finite \(/predictor/\S+, .*\) at "
+                     r"iteration 13 \(epoch 1.08\); stopping without writing a checkpoint: "
+                     rf"the last good checkpoint is {re.escape(str(good))}", output), output
+    assert latest(out) == str(good)
     assert sorted(os.listdir(out)) == ["latest.json", "log.jsonl", "options.json", good.name]
     classifier = MeteredClassifier(archs["resnet_mnist"]())
     optimizer = MomentumSGD().setup(classifier)
-    state = checkpoint.load_snapshot(str(good), 0,
-                                     checkpoint.RankSnapshot(classifier, optimizer))
+    state = snapshot_reader.load_snapshot(str(good), snapshot_reader.read_meta(str(good)), 0,
+                                          checkpoint.RankSnapshot(classifier, optimizer))
     assert state["iteration"] == 12 and optimizer.t == 12
     assert all(np.isfinite(param.data).all() for param in classifier.params())
 
@@ -276,9 +282,8 @@ def test_resuming_another_arch_or_optimizer_is_an_error_that_changes_nothing(
     status, output = run_training(tiny(1, "--out", str(tmp_path / "out"), "--resume",
                                        str(reference), flag, value))
     assert status == 2, output
-    snapshot = checkpoint.find_snapshot(str(reference))
-    assert (f"train_imagenet.py: error: --resume {snapshot}: the checkpoint was written with "
-            f"{flag} {saved}, this run has {flag} {value}") in output
+    assert (f"train_imagenet.py: error: --resume {latest(reference)}: the checkpoint was "
+            f"written with {flag} {saved} (this run: {value})") in output
     assert file_digests(reference) == before
     assert not (tmp_path / "out").exists()
 

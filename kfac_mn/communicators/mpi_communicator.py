@@ -101,6 +101,11 @@ class MpiCommunicator(CommunicatorBase):
                                                          self._comm.rank)
 
     @property
+    def mpi_comm(self):
+        """The mpi4py communicator the collectives run on."""
+        return self._comm
+
+    @property
     def rank(self):
         return self._comm.rank
 

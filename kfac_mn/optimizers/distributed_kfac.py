@@ -48,6 +48,7 @@ from kfac_mn.distributed import agreement, packed_layout, segment_scaling, trail
 from kfac_mn.distributed import assignment as layer_assignment
 from kfac_mn.distributed.packed_layout import owned_by, sizes
 from kfac_mn.distributed.work_items import build_work_items
+from kfac_mn.fisher.inverse import InversionError
 from kfac_mn.optimizers.kfac import KFAC
 from kfac_mn.optimizers.step_report import StepReport
 
@@ -151,9 +152,11 @@ class DistributedKFAC(KFAC):
         with report.stage(STAGES[1]):
             self.reduce_scatter_statistics(due)
         with report.stage(STAGES[2]):
-            self.precondition_owned_layers()
+            failure = self.precondition_owned_layers()
         with report.stage(STAGES[3]):
             self.allgather_preconditioned_gradients()
+        if failure is not None:  # raised only now: the other ranks must not wait for us
+            raise failure
         with report.stage(STAGES[4]):
             self.apply_update()
         report.info.update(step=self.t, due_layers=len(due),
@@ -206,10 +209,19 @@ class DistributedKFAC(KFAC):
                 sums, {name: counts[path, name] for name in sums})
 
     def precondition_owned_layers(self):
-        """Stage 3: running factors, damped inverses and preconditioned gradients, owner only."""
+        """Stage 3: running factors, damped inverses and preconditioned gradients, owner only.
+
+        Returns the :class:`~kfac_mn.fisher.inverse.InversionError` of a factor that could
+        not be inverted even after the fallbacks (None if all went well), for
+        :meth:`update` to raise once stage 4 has let the other ranks go on; the owner then
+        sends the layer's gradients as they are."""
         mine = self.owned_layers()
-        self.update_and_invert(mine)
+        try:
+            self.update_and_invert(mine)
+        except InversionError as error:
+            return error
         self.precondition(mine)
+        return None
 
     def allgather_preconditioned_gradients(self):
         """Stage 4: every rank receives every owner's gradients and its layers' schedule state."""

@@ -9,6 +9,9 @@ from utils.data.error_notes import add_note
 from utils.data.image_decoding import CorruptImageError
 from utils.data.seeding import batch_rng, example_rng
 
+#: ``skip_corrupt``: raise, leave the example out (True is 'drop'), use the next readable one
+SKIP_MODES = (False, True, "drop", "replace")
+
 
 class BatchCancelled(Exception):
     """Raised by ``BatchBuilder.build`` when its ``cancelled()`` turns true mid-batch."""
@@ -32,7 +35,9 @@ class BatchBuilder:
     ``rng = example_rng(seed, epoch, i, repeat)``; the image is closed afterwards; the optional
     ``augmentation(x, labels, rng)`` then sees the whole batch with
     ``rng = batch_rng(seed, epoch, iteration, rank)``. With ``skip_corrupt`` an image that
-    does not decode is left out of its batch (the batch is one shorter) and reported.
+    cannot be read (missing or undecodable) is reported and left out of its batch (the
+    batch is one shorter; ``'drop'`` or True) or replaced by the next readable example
+    (``'replace'``: batches keep their size, as data-parallel training assumes).
     """
 
     def __init__(self, dataset, transform, augmentation=None, seed=0, rank=0,
@@ -42,7 +47,9 @@ class BatchBuilder:
         self.augmentation = augmentation
         self.seed = seed
         self.rank = rank
-        self.skip_corrupt = skip_corrupt
+        if skip_corrupt not in SKIP_MODES:
+            raise ValueError(f"skip_corrupt must be one of {SKIP_MODES}, got {skip_corrupt!r}")
+        self.skip_corrupt = "drop" if skip_corrupt is True else skip_corrupt
         self._example_shape = None
 
     def _transformed(self, index, rng, out=None):
@@ -67,6 +74,33 @@ class BatchBuilder:
             self._transformed(0, example_rng(self.seed, 0, 0, 0))
         return self._example_shape
 
+    def _readable(self, index, repeat, epoch, x, row, length, allocate, skipped):
+        """Transform example ``index`` into row ``row`` of the batch ``x`` (allocated for
+        ``length`` examples from the first example when ``x`` is None); returns ``(index
+        used or None when skipped, x)``.  With ``skip_corrupt='replace'`` an unreadable
+        example is replaced by the next readable one (``index + 1, index + 2, ...``)."""
+        attempts = len(self.dataset) if self.skip_corrupt == "replace" else 1
+        source = index
+        for _ in range(attempts):
+            rng = example_rng(self.seed, epoch, source, repeat)
+            try:
+                if x is None:
+                    example = self._transformed(source, rng)
+                    x = allocate((length,) + example.shape)
+                    x[row] = example
+                else:
+                    self._transformed(source, rng, out=x[row])
+                return source, x
+            except (CorruptImageError, FileNotFoundError) as error:
+                if not self.skip_corrupt:
+                    raise
+                skipped.append((source, str(error)))
+                source = (source + 1) % len(self.dataset)
+        if self.skip_corrupt == "replace":
+            raise CorruptImageError(f"no example of the data set can be read (the last: "
+                                    f"{skipped[-1][1]})")
+        return None, x
+
     def build(self, epoch, iteration, indices, repeats, allocate=allocate_float32,
               cancelled=None):
         """Return ``(x, targets, skipped)`` for the examples ``indices`` read for the
@@ -80,20 +114,10 @@ class BatchBuilder:
         for index, repeat in zip(indices.tolist(), repeats.tolist()):
             if cancelled is not None and cancelled():
                 raise BatchCancelled(f"batch {iteration} of epoch {epoch} cancelled")
-            rng = example_rng(self.seed, epoch, index, repeat)
-            try:
-                if x is None:
-                    example = self._transformed(index, rng)
-                    x = allocate((len(indices),) + example.shape)
-                    x[0] = example
-                else:
-                    self._transformed(index, rng, out=x[len(labels)])
-            except CorruptImageError as error:
-                if not self.skip_corrupt:
-                    raise
-                skipped.append((index, str(error)))
-                continue
-            labels.append(self.dataset.get_label(index))
+            source, x = self._readable(index, repeat, epoch, x, len(labels), len(indices),
+                                       allocate, skipped)
+            if source is not None:
+                labels.append(self.dataset.get_label(source))
         if x is None:
             x = allocate((0,) + self.example_shape())
         x = x[:len(labels)]

@@ -43,8 +43,9 @@ class ShardedLoader:
         prefetch: batches in flight per worker.
         augmentation: batch-level ``augmentation(x, labels, rng)``, e.g.
             ``utils.data.batch_augmentation.BatchAugmentation``; ``None`` keeps int labels.
-        skip_corrupt: leave undecodable images out of their batch (counted in
-            ``n_skipped``, each file warned about once) instead of raising.
+        skip_corrupt: go past missing or undecodable images instead of raising (counted
+            in ``n_skipped``, each file warned about once): ``'drop'`` (or True) leaves them
+            out of their batch, ``'replace'`` takes the next readable example instead.
         start_method: multiprocessing start method for the workers (``None``: the default;
             ``'forkserver'`` avoids forking a process that has initialised MPI or CUDA).
 

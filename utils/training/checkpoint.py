@@ -1,33 +1,60 @@
-"""Checkpoints of a training run that resume it exactly, on every rank.
+"""Checkpoints of a training run: written so that nothing good is ever lost.
 
 Layout under the output directory::
 
-    snapshot_iter_000468/rank_0.npz   model (parameters and BN statistics), optimizer (momentum,
-    snapshot_iter_000468/rank_1.npz   K-FAC factors, inverses, schedule, label sampler) and
-                                      ``state``: loader position, RNG states, meters, options
-    snapshot_iter_000468/meta.json    iteration, epoch, world size, arch, optimizer, options
-    latest.json                       {"snapshot": "snapshot_iter_000468"}
+    snapshot_iter_000468/rank_0.npz       model (parameters and BN statistics), optimizer
+    snapshot_iter_000468/rank_1.npz       (momentum, K-FAC factors, inverses, schedule, label
+                                          sampler) and ``state``: loader position, RNG states,
+                                          meters, options
+    snapshot_iter_000468/meta.json        iteration, epoch, world size, options, and the size
+                                          and SHA-256 of every rank's file
+    snapshot_iter_000468/validation.json  the validation figures, once they were finite
+    latest.json                           {"snapshot": "snapshot_iter_000468"}
 
 Every rank writes its own file because ranks differ: each owns other K-FAC layers and keeps
-its own BN running statistics.  Each file is written to a temporary name and renamed
-(:func:`~kfac_mn.serializers.save_npz`); once every rank has written (a barrier), rank 0
-writes ``meta.json``, then points ``latest.json`` at the new snapshot (also by rename) and
-only then deletes the older snapshots.  A crash at any moment leaves ``latest.json`` naming a
-complete snapshot.  The output directory is assumed to be shared by all ranks.
+its own BN running statistics.  Writing one snapshot (:func:`write_snapshot`):
+
+1. every rank checks that each array it is about to save is finite; if any rank finds one
+   that is not, nothing is written (:class:`NonFiniteState`: the run has diverged);
+2. the files go into a hidden ``.snapshot_iter_N.partial`` folder, each through a temporary
+   name and a rename;
+3. rank 0 learns every rank's checksum or error; on any error (a full disk, say) the partial
+   folder is removed and :class:`SnapshotWriteError` names the file and the reason on every
+   rank; the previous snapshot stays the latest;
+4. otherwise rank 0 writes ``meta.json`` (with the checksums), renames the folder into place,
+   points ``latest.json`` at it (by rename) and only then removes old snapshots, keeping the
+   newest ``keep`` and the newest one whose validation passed (:func:`prune`).
+
+A crash at any moment leaves ``latest.json`` naming a complete snapshot.  The output
+directory is assumed to be shared by all ranks.  Reading snapshots back, with their
+checksums, is :mod:`utils.training.snapshot_reader`.
 """
+import hashlib
 import json
+import math
 import os
 import random
+import re
 import shutil
 import tempfile
 
 import numpy
 
-from kfac_mn.serializers import Deserializer, load_npz, save_npz
+from kfac_mn.serializers import Deserializer, DictionarySerializer, save_npz
 
 LATEST = "latest.json"
 META = "meta.json"
+VALIDATION = "validation.json"
 SNAPSHOT_PREFIX = "snapshot_iter_"
+SNAPSHOT_PATTERN = re.compile(r"^snapshot_iter_(\d+)$")
+
+
+class NonFiniteState(ArithmeticError):
+    """A parameter or optimizer array is NaN or infinite: the snapshot would not be good."""
+
+
+class SnapshotWriteError(OSError):
+    """A rank could not write its part of a snapshot (the message names the file)."""
 
 
 def atomic_write_text(path, text):
@@ -52,7 +79,38 @@ def snapshot_name(iteration):
 
 
 def rank_file(snapshot_dir, rank):
-    return os.path.join(snapshot_dir, f"rank_{rank}.npz")
+    return os.path.join(snapshot_dir, rank_file_name(rank))
+
+
+def rank_file_name(rank):
+    return f"rank_{rank}.npz"
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sealed_meta(meta):
+    """``meta`` with ``checksum``: the SHA-256 of its other keys as sorted JSON (what
+    :func:`~utils.training.snapshot_reader.read_meta` verifies)."""
+    body = {key: value for key, value in meta.items() if key != "checksum"}
+    text = json.dumps(body, sort_keys=True)
+    return {**body, "checksum": hashlib.sha256(text.encode("utf-8")).hexdigest()}
+
+
+def snapshots_in(out):
+    """``[(iteration, directory)]`` of the snapshot folders of ``out``, newest first."""
+    found = []
+    if os.path.isdir(out):
+        for name in os.listdir(out):
+            match = SNAPSHOT_PATTERN.match(name)
+            if match and os.path.isdir(os.path.join(out, name)):
+                found.append((int(match.group(1)), os.path.join(out, name)))
+    return sorted(found, reverse=True)
 
 
 # -- RNG states -------------------------------------------------------------------------
@@ -99,76 +157,162 @@ class RankSnapshot:
             serializer("state", numpy.frombuffer(text, dtype=numpy.uint8).copy())
 
 
-def write_snapshot(out, comm, snapshot, meta):
-    """Write this rank's file of the snapshot at ``meta['iteration']``; rank 0 then publishes
-    it as the latest and removes the older ones.  Returns the snapshot directory."""
-    directory = os.path.join(out, snapshot_name(meta["iteration"]))
-    os.makedirs(directory, exist_ok=True)
-    # uncompressed: K-FAC factors and inverses are large and compress poorly (zlib at a few
-    # tens of MB/s would dominate the time of a checkpoint)
-    save_npz(rank_file(directory, comm.rank), snapshot, compression=False)
-    comm.barrier()
+class _Arrays:
+    """Already serialized arrays, saved as they are."""
+
+    def __init__(self, arrays):
+        self.arrays = arrays
+
+    def serialize(self, serializer):
+        for key, value in self.arrays.items():
+            serializer(key, value)
+
+
+def non_finite_keys(arrays):
+    """The keys of the floating-point arrays holding NaN or infinity, sorted."""
+    return sorted(key for key, value in arrays.items()
+                  if value.dtype.kind in "fc" and not numpy.isfinite(value).all())
+
+
+def _agreed(comm, mine):
+    """Every rank's ``mine`` (None or a message), combined on every rank: None when all are
+    None, else the messages tagged with their ranks."""
+    messages = comm.gather_obj(mine)
+    combined = None
     if comm.rank == 0:
-        atomic_write_text(os.path.join(directory, META), json.dumps(meta, indent=1,
-                                                                    sort_keys=True))
-        atomic_write_text(os.path.join(out, LATEST),
-                          json.dumps({"snapshot": os.path.basename(directory)}))
-        for name in sorted(os.listdir(out)):
-            if name.startswith(SNAPSHOT_PREFIX) and name != os.path.basename(directory):
-                shutil.rmtree(os.path.join(out, name), ignore_errors=True)
-    return directory
+        failed = [(rank, message) for rank, message in enumerate(messages)
+                  if message is not None]
+        combined = "; ".join(f"rank {rank}: {message}" for rank, message in failed) or None
+    return comm.bcast_obj(combined)
 
 
-def latest_snapshot(out):
-    """The directory ``out/latest.json`` names, or None when there is none."""
-    pointer = os.path.join(out, LATEST)
-    if not os.path.isfile(pointer):
+# -- writing ------------------------------------------------------------------------------
+def write_snapshot(out, comm, snapshot, meta, keep=2):
+    """Write the snapshot at ``meta['iteration']`` on every rank and publish it as the
+    latest (steps 1-4 of the module docstring); returns its directory.
+
+    Raises :class:`NonFiniteState` (nothing written) or :class:`SnapshotWriteError` (nothing
+    left behind) on every rank alike.
+    """
+    serializer = DictionarySerializer()
+    snapshot.serialize(serializer)
+    arrays = serializer.target
+    bad = non_finite_keys(arrays)
+    problem = _agreed(comm, f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} not finite"
+                      if bad else None)
+    if problem is not None:
+        raise NonFiniteState(problem)
+    name = snapshot_name(meta["iteration"])
+    final = os.path.join(out, name)
+    partial = os.path.join(out, f".{name}.partial")
+    error = None
+    if comm.rank == 0:
+        try:
+            shutil.rmtree(partial, ignore_errors=True)
+            os.makedirs(partial)
+        except OSError as caught:
+            error = f"{partial}: {caught.strerror or caught}"
+    error = comm.bcast_obj(error)
+    if error is not None:
+        raise SnapshotWriteError(f"could not write the snapshot: {error}; "
+                                 f"{_previous(out)} stays the latest")
+    path = rank_file(partial, comm.rank)
+    record = None
+    try:
+        # uncompressed: K-FAC factors and inverses are large and compress poorly
+        save_npz(path, _Arrays(arrays), compression=False)
+        record = {"bytes": os.path.getsize(path), "sha256": file_sha256(path)}
+    except OSError as caught:
+        record = f"{os.path.join(final, rank_file_name(comm.rank))}: " \
+                 f"{caught.strerror or caught}"
+    records = comm.gather_obj(record)
+    error = None
+    if comm.rank == 0:
+        failures = [r for r in records if isinstance(r, str)]
+        try:
+            if failures:
+                error = "; ".join(failures)
+            else:
+                files = {rank_file_name(rank): r for rank, r in enumerate(records)}
+                _publish(out, partial, final, sealed_meta({**meta, "files": files}))
+                prune(out, keep)
+        except OSError as caught:
+            error = f"{caught.filename or out}: {caught.strerror or caught}"
+        if error is not None:
+            shutil.rmtree(partial, ignore_errors=True)
+            if latest_name(out) != name:  # renamed into place, but never published
+                shutil.rmtree(final, ignore_errors=True)
+    error = comm.bcast_obj(error)
+    if error is not None:
+        raise SnapshotWriteError(f"could not write the snapshot at iteration "
+                                 f"{meta['iteration']}: {error}; nothing of it was kept, and "
+                                 f"{_previous(out)} stays the latest")
+    return final
+
+
+def _previous(out):
+    latest = latest_name(out)
+    return f"the previous snapshot {os.path.join(out, latest)}" if latest else \
+        "no earlier snapshot (none had been written)"
+
+
+def _publish(out, partial, final, meta):
+    """Rank 0: ``meta.json`` into the complete ``partial`` folder, the folder into place,
+    ``latest.json`` at it."""
+    path = os.path.join(partial, META)
+    try:
+        atomic_write_text(path, json.dumps(meta, indent=1, sort_keys=True))
+    except OSError as error:
+        error.filename = os.path.join(final, META)
+        raise
+    if os.path.exists(final):  # a run started again with --overwrite, or resumed earlier
+        shutil.rmtree(final)
+    os.replace(partial, final)
+    atomic_write_text(os.path.join(out, LATEST),
+                      json.dumps({"snapshot": os.path.basename(final)}))
+
+
+def latest_name(out):
+    """The folder name ``out/latest.json`` names, or None (missing or unreadable)."""
+    try:
+        with open(os.path.join(out, LATEST), encoding="utf-8") as stream:
+            name = json.load(stream)["snapshot"]
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    with open(pointer, encoding="utf-8") as stream:
-        return os.path.join(out, json.load(stream)["snapshot"])
+    return name if isinstance(name, str) and SNAPSHOT_PATTERN.match(name) else None
 
 
-# -- resuming -----------------------------------------------------------------------------
-def find_snapshot(path):
-    """The snapshot directory ``--resume path`` means: ``path`` itself (it has meta.json) or
-    the latest snapshot of the output directory ``path``."""
-    if os.path.isfile(os.path.join(path, META)):
-        return path
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"--resume {path}: no such directory")
-    latest = latest_snapshot(path)
-    if latest is None:
-        raise FileNotFoundError(f"--resume {path}: no checkpoint there (neither {META} of a "
-                                f"snapshot nor {LATEST} of an output directory)")
-    if not os.path.isfile(os.path.join(latest, META)):
-        raise FileNotFoundError(f"--resume {path}: {LATEST} names {latest}, which has no "
-                                f"{META}")
-    return latest
+def passed_validation(snapshot_dir):
+    """Whether ``snapshot_dir`` has finite validation figures (:func:`mark_validated`)."""
+    try:
+        with open(os.path.join(snapshot_dir, VALIDATION), encoding="utf-8") as stream:
+            figures = json.load(stream)
+        return all(math.isfinite(value) for value in figures.values())
+    except (OSError, ValueError, TypeError, AttributeError):
+        return False
 
 
-def read_meta(snapshot_dir):
-    with open(os.path.join(snapshot_dir, META), encoding="utf-8") as stream:
-        return json.load(stream)
+def mark_validated(snapshot_dir, figures):
+    """Rank 0: record that the weights of ``snapshot_dir`` gave these finite validation
+    ``figures`` (such a snapshot is never pruned until a newer one has passed)."""
+    atomic_write_text(os.path.join(snapshot_dir, VALIDATION),
+                      json.dumps(figures, indent=1, sort_keys=True))
 
 
-def check_resumable(snapshot_dir, meta, options, size, rank):
-    """Raise ValueError/FileNotFoundError unless this run can continue ``snapshot_dir``."""
-    saved = meta["options"]
-    for key, flag in (("arch", "--arch"), ("optimizer", "--optimizer")):
-        if saved[key] != getattr(options, key):
-            raise ValueError(f"--resume {snapshot_dir}: the checkpoint was written with "
-                             f"{flag} {saved[key]}, this run has {flag} "
-                             f"{getattr(options, key)}")
-    if meta["size"] != size:
-        raise ValueError(f"--resume {snapshot_dir}: the checkpoint was written by "
-                         f"{meta['size']} workers, this run has {size} (every worker keeps "
-                         f"its own state; run with mpiexec -n {meta['size']})")
-    if not os.path.isfile(rank_file(snapshot_dir, rank)):
-        raise FileNotFoundError(f"--resume {snapshot_dir}: {rank_file(snapshot_dir, rank)} is "
-                                "missing")
-
-
-def load_snapshot(snapshot_dir, rank, snapshot):
-    """Fill ``snapshot`` (a :class:`RankSnapshot`) from this rank's file; returns its state."""
-    load_npz(rank_file(snapshot_dir, rank), snapshot)
-    return snapshot.state
+def prune(out, keep):
+    """Remove the snapshots of ``out`` but the newest ``keep``, the one ``latest.json``
+    names and the newest that passed validation; also leftover partial folders."""
+    snapshots = snapshots_in(out)
+    kept = {directory for _, directory in snapshots[:keep]}
+    latest = latest_name(out)
+    if latest is not None:
+        kept.add(os.path.join(out, latest))
+    validated = next((d for _, d in snapshots if passed_validation(d)), None)
+    if validated is not None:
+        kept.add(validated)
+    for _, directory in snapshots:
+        if directory not in kept:
+            shutil.rmtree(directory, ignore_errors=True)
+    for name in os.listdir(out):
+        if name.startswith(f".{SNAPSHOT_PREFIX}") and name.endswith(".partial"):
+            shutil.rmtree(os.path.join(out, name), ignore_errors=True)

@@ -28,6 +28,7 @@ from utils.data.normalization import (
     load_mean_image,
 )
 from utils.data.transforms import EvalTransform, RandomErasing, TrainTransform
+from utils.training.data_checks import check_labels
 
 
 class FirstExamples:
@@ -75,7 +76,11 @@ def build_datasets(options):
     if options.train is None:
         train, val = MNISTDataset("train"), MNISTDataset("test")
     else:
-        train = _image_dataset(options.train, options.root)
+        train = _image_dataset(options.train, options.root, options.n_class)
+        if options.n_class is not None and train.n_class != options.n_class:
+            raise ValueError(f"--n-class {options.n_class}: --train {options.train} has "
+                             f"{train.n_class} class folders")
+        check_labels(options, train)
         val = _image_dataset(options.val, options.root, n_class=train.n_class)
         train_classes = getattr(train, "class_names", None)
         val_classes = getattr(val, "class_names", None)
@@ -123,7 +128,9 @@ def build_loaders(options, train, val, rank, size):
     """``(train_loader, val_loader)`` of this rank.
 
     The training loader repeats forever and pads the last batch of an epoch; the validation
-    loader reads every example once ('partial': sums over examples, not batch means).
+    loader reads every example once ('partial': sums over examples, not batch means).  With
+    ``--skip-corrupt`` an unreadable training image is replaced by the next readable example
+    (every rank's batch keeps its size) and an unreadable validation image is left out.
     """
     train_transform, val_transform = build_transforms(options, train.channels)
     augmentation = None
@@ -136,10 +143,10 @@ def build_loaders(options, train, val, rank, size):
         train, options.batchsize * options.acc_iters, transform=train_transform, rank=rank,
         size=size, seed=options.seed, shuffle=True, last_batch="pad", repeat=True,
         n_workers=options.loaderjob, augmentation=augmentation,
-        skip_corrupt=options.skip_corrupt, start_method=start_method)
+        skip_corrupt="replace" if options.skip_corrupt else False, start_method=start_method)
     val_loader = ShardedLoader(
         val, options.val_batchsize, transform=val_transform, rank=rank, size=size,
         seed=options.seed, shuffle=False, last_batch="partial", repeat=False,
-        n_workers=options.loaderjob, skip_corrupt=options.skip_corrupt,
+        n_workers=options.loaderjob, skip_corrupt="drop" if options.skip_corrupt else False,
         start_method=start_method)
     return train_loader, val_loader

@@ -81,8 +81,16 @@ def build_parser():
     data.add_argument("--loaderjob", type=int, default=0,
                       help="loader worker processes per rank (0: load in the training "
                            "process)")
+    data.add_argument("--n-class", type=int, default=None,
+                      help="number of classes of a list file (default: its largest label + "
+                           "1, which must then leave no class without an example)")
+    data.add_argument("--verify-images", action=argparse.BooleanOptionalAction, default=False,
+                      help="decode every image once before training (the ranks share the "
+                           "work) and report all that fail at once")
     data.add_argument("--skip-corrupt", action=argparse.BooleanOptionalAction, default=False,
-                      help="leave undecodable images out of their batch instead of stopping")
+                      help="go on past missing or undecodable images: in training each is "
+                           "replaced by the next readable example (batches keep their size), "
+                           "in validation it is left out")
 
     model = parser.add_argument_group("model and devices")
     model.add_argument("--arch", choices=sorted(archs), default=None,
@@ -208,6 +216,18 @@ def build_parser():
     output.add_argument("--snapshot-interval", type=int, default=1,
                         help="epochs between checkpoints (the end of the run always writes "
                              "one; 0: only then)")
+    output.add_argument("--keep-snapshots", type=int, default=2,
+                        help="snapshots kept (the newest; the newest that passed validation "
+                             "is kept as well)")
+    output.add_argument("--divergence-factor", type=float, default=10.0,
+                        help="stop when the training loss exceeds this many times its lowest "
+                             "so far for --divergence-patience log intervals (0: off)")
+    output.add_argument("--divergence-patience", type=int, default=3,
+                        help="log intervals the loss may stay above --divergence-factor x "
+                             "its lowest")
+    output.add_argument("--timeout", type=float, default=600.0,
+                        help="seconds a rank may wait in one collective before the job is "
+                             "aborted, naming the ranks that did not arrive (0: wait forever)")
     output.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                         help="progress bar on rank 0")
     output.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True,
@@ -376,7 +396,8 @@ def check_options(options):
                          ("insize", 1), ("val_resize", 1), ("loaderjob", 0), ("seed", 0),
                          ("lr_reference_batch", 0), ("factor_interval", 1),
                          ("inverse_interval", 1), ("stale_warmup", 0), ("max_interval", 1),
-                         ("log_interval", 0), ("val_interval", 1), ("snapshot_interval", 0)):
+                         ("log_interval", 0), ("val_interval", 1), ("snapshot_interval", 0),
+                         ("keep_snapshots", 1), ("divergence_patience", 1), ("n_class", 1)):
         _at_least(options, name, lowest)
     if not options.epoch > 0:
         raise OptionError(f"--epoch must be positive, got {options.epoch}")
@@ -385,6 +406,11 @@ def check_options(options):
         if getattr(options, name) < 0:
             raise OptionError(f"--{name.replace('_', '-')} must be >= 0, got "
                               f"{getattr(options, name)}")
+    if options.timeout < 0:
+        raise OptionError(f"--timeout must be >= 0 (0: off), got {options.timeout}")
+    if options.divergence_factor != 0 and not options.divergence_factor > 1:
+        raise OptionError(f"--divergence-factor must be 0 (off) or larger than 1, got "
+                          f"{options.divergence_factor}")
     if not 0 <= options.momentum <= 1:
         raise OptionError(f"--momentum must be in [0, 1], got {options.momentum}")
     if not 0 < options.cov_ema_decay <= 1:
@@ -434,7 +460,7 @@ def _check_data_options(options):
                           "are relative to it)")
     if options.train is None:
         for flag, value in (("--mean", options.mean), ("--insize", options.insize),
-                            ("--val-resize", options.val_resize)):
+                            ("--val-resize", options.val_resize), ("--n-class", options.n_class)):
             if value is not None:
                 raise OptionError(f"{flag} applies to image files; the embedded MNIST is "
                                   "used as it is (28 x 28)")

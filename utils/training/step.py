@@ -9,7 +9,8 @@ itself: :class:`~kfac_mn.optimizers.DistributedKFAC`, or momentum SGD wrapped by
 
 Validation: each rank evaluates its shard of the validation set (BN in inference mode, no
 graph); the sums of loss, top-1 and top-5 hits and examples are added over ranks with
-``comm.allreduce_obj``.
+``comm.allreduce_obj``.  An image that cannot be read stops the rank's loop, not the job: the
+sums carry a flag, so every rank raises the same :class:`~utils.training.data_checks.DataError`.
 """
 import numpy
 
@@ -18,6 +19,8 @@ from kfac_mn import functions as F
 from kfac_mn.configuration import no_backprop_mode, using_config
 from kfac_mn.links import Classifier
 from kfac_mn.optimizer import MicroBatches
+from utils.data.image_decoding import CorruptImageError
+from utils.training.data_checks import DataError
 
 TOP_K = 5
 
@@ -79,19 +82,27 @@ class UpdateStep:
 def evaluate(predictor, loader, comm):
     """Validation over all ranks: ``{'loss', 'accuracy', 'accuracy_top5', 'examples'}``."""
     xp = predictor.xp
-    sums = numpy.zeros(4)  # loss x examples, top-1 hits, top-k hits, examples
+    sums = numpy.zeros(5)  # loss x examples, top-1 hits, top-k hits, examples, failed ranks
+    failure = None
     loader.reset()
     with no_backprop_mode(), using_config("train", False):
-        for x, t in loader:
-            if len(t) == 0:
-                continue
-            x, t = to_device(x, xp), to_device(t, xp)
-            y = predictor(x)
-            n = len(t)
-            top_k = min(TOP_K, y.shape[1])
-            sums += (float(F.softmax_cross_entropy(y, t).data) * n,
-                     round(float(F.accuracy(y, t).data) * n),
-                     round(float(F.accuracy(y, t, top_k=top_k).data) * n), n)
-    loss, top1, top5, n = comm.allreduce_obj(sums)
+        try:
+            for x, t in loader:
+                if len(t) == 0:
+                    continue
+                x, t = to_device(x, xp), to_device(t, xp)
+                y = predictor(x)
+                n = len(t)
+                top_k = min(TOP_K, y.shape[1])
+                sums += (float(F.softmax_cross_entropy(y, t).data) * n,
+                         round(float(F.accuracy(y, t).data) * n),
+                         round(float(F.accuracy(y, t, top_k=top_k).data) * n), n, 0)
+        except (CorruptImageError, OSError) as error:
+            failure = str(error)
+            sums[4] = 1
+    loss, top1, top5, n, failed = comm.allreduce_obj(sums)
+    if failed:
+        messages = comm.gather_obj(failure)
+        raise DataError(comm.bcast_obj(messages and "; ".join(m for m in messages if m)))
     return {"loss": loss / n, "accuracy": top1 / n, "accuracy_top5": top5 / n,
             "examples": int(n)}

@@ -3,13 +3,16 @@
 A :class:`Trainer` is built from what the recipe assembled (options, communicator, model
 wrapped in a :class:`~utils.training.step.MeteredClassifier`, a multi-node optimizer, lr
 schedules, the two loaders) and holds everything a run changes: the interval meter, the
-elapsed time, the last snapshot and the log.  Per update: the schedules set lr and momentum
-from the fractional epoch, the rank's batch is loaded and the update runs
-(:class:`~utils.training.step.UpdateStep`); one small all-reduce then sums the loss and
-accuracy over the ranks and carries any stop request (SIGTERM/SIGINT), so all ranks agree on
-when to stop.  At each epoch end the validation set is evaluated across ranks, rank 0 appends
-to ``log.jsonl`` and every rank writes its part of a checkpoint.  A NaN or infinite loss stops
-the run at once and keeps the last good checkpoint.
+elapsed time, the last snapshot, the divergence guard and the log.  Per update: the
+schedules set lr and momentum from the fractional epoch, the rank's batch is loaded and the
+update runs (:class:`~utils.training.step.UpdateStep`); one small all-reduce then sums the
+loss and accuracy over the ranks and carries any stop request (SIGTERM/SIGINT) and any
+failure of the update, so all ranks agree on when to stop.  At each epoch end every rank
+writes its part of a checkpoint (when due), the validation set is evaluated across ranks and
+rank 0 appends to ``log.jsonl``.
+
+Nothing good is lost (:mod:`utils.training.checkpoint`): the run stops with exit status 1,
+writes nothing and names the last good checkpoint when it diverges (:class:`Divergence`).
 """
 import json
 import math
@@ -20,7 +23,10 @@ import time
 
 import numpy
 
-from utils.training import checkpoint
+from kfac_mn.fisher.inverse import InversionError
+from kfac_mn.links import BatchNormalization
+from utils.training import checkpoint, snapshot_reader
+from utils.training.data_checks import DataError
 from utils.training.log import IntervalMeter, LogWriter, interval_summary, read_log
 from utils.training.options import global_batch, options_dict
 from utils.training.progress import ProgressBar, format_duration
@@ -29,6 +35,51 @@ from utils.training.stop_signals import StopSignals
 
 PROG = "train_imagenet.py"
 EXIT_DIVERGED = 1
+EXIT_DATA = 2
+EXIT_SNAPSHOT = 3
+
+
+class Divergence:
+    """The divergence guard: the run has diverged when the loss, the weights or the
+    validation figures are not finite, when K-FAC cannot invert a factor even after its
+    fallbacks, or when the interval's mean training loss stays above ``factor`` times its
+    lowest so far (the first iteration's loss included) for ``patience`` log intervals."""
+
+    def __init__(self, factor, patience):
+        self.factor = factor
+        self.patience = patience
+        self.lowest = math.inf
+        self.high = 0  # consecutive log intervals above factor x lowest
+
+    def state(self):
+        return {"lowest": self.lowest if math.isfinite(self.lowest) else None,
+                "high": self.high}
+
+    def load(self, state):
+        self.lowest = math.inf if state["lowest"] is None else state["lowest"]
+        self.high = state["high"]
+
+    def first_loss(self, loss):
+        self.lowest = min(self.lowest, loss)
+
+    def interval(self, loss):
+        """The reason to stop after a log interval of mean loss ``loss``, or None."""
+        if self.factor and loss > self.factor * self.lowest:
+            self.high += 1
+            if self.high >= self.patience:
+                return (f"the training loss {loss:.4g} has stayed above {self.factor:g} x its "
+                        f"lowest ({self.lowest:.4g}) for {self.high} log intervals "
+                        "(--divergence-factor, --divergence-patience)")
+        else:
+            self.high = 0
+        self.lowest = min(self.lowest, loss)
+        return None
+
+
+def non_finite_parameters(model):
+    """Paths of the parameters holding NaN or infinity (one check per parameter)."""
+    return [path for path, param in model.namedparams()
+            if param.data is not None and not bool(param.xp.isfinite(param.data).all())]
 
 
 class Trainer:
@@ -47,26 +98,46 @@ class Trainer:
         self.train_examples = train_examples
         self.iterations_per_epoch = train_loader.iterations_per_epoch
         self.meter = IntervalMeter()
+        self.divergence = Divergence(options.divergence_factor, options.divergence_patience)
         self.elapsed_before = 0.0  # seconds of the runs this one continues
         self.started = None        # time.monotonic() when this run's loop started
-        self.last_snapshot = None
+        self.last_snapshot = None  # the newest snapshot written or resumed
+        self.last_validated = None  # the newest snapshot whose validation passed
         self.log_path = os.path.join(options.out, "log.jsonl")
         self.log = None
         self.progress = None
 
     # -- state ----------------------------------------------------------------------------
-    def resume(self, snapshot_dir):
-        """Continue exactly from a snapshot: weights, optimizer, loader, RNGs, meter, time.
+    def resume(self, snapshot_dir, meta):
+        """Continue exactly from a snapshot: weights, optimizer, loader, RNGs, meter, time,
+        on this run's number of ranks (K-FAC's layers re-assigned when it differs).
 
         Returns the records of the old ``log.jsonl`` up to the snapshot (rank 0; [] else)."""
-        state = checkpoint.load_snapshot(snapshot_dir, self.comm.rank,
-                                         checkpoint.RankSnapshot(self.classifier,
-                                                                 self.optimizer))
+        owned = getattr(self.optimizer, "owned_layers", None)
+        # layer paths as the serializer writes them, without the leading "/"
+        owns = None if owned is None else {path.strip("/") for path in owned()}.__contains__
+        state = snapshot_reader.load_snapshot(
+            snapshot_dir, meta, self.comm.rank,
+            checkpoint.RankSnapshot(self.classifier, self.optimizer), owns)
         self.train_loader.load_state_dict(state["loader"])
         checkpoint.set_rng_states(state["rng"])
         self.meter.load(state["meter"])
+        self.divergence.load(state["divergence"])
         self.elapsed_before = state["elapsed_time"]
         self.last_snapshot = snapshot_dir
+        if checkpoint.passed_validation(snapshot_dir):
+            self.last_validated = snapshot_dir
+        if meta["size"] != self.comm.size and self.is_root:
+            has_bn = any(isinstance(link, BatchNormalization)
+                         for link in self.classifier.links())
+            sys.stderr.write(
+                f"{PROG}: resuming a run of {meta['size']} workers on {self.comm.size}, with "
+                f"the same global batch {meta['global_batch']} ({self.comm.size} x "
+                f"{self.options.batchsize} x {self.options.acc_iters}); K-FAC's layers are "
+                "re-assigned to the workers" + (
+                    "; batch normalization computes its statistics over other micro-batches "
+                    "now, so the run differs from an uninterrupted one" if has_bn else "")
+                + "\n")
         old_log = os.path.join(os.path.dirname(os.path.abspath(snapshot_dir)), "log.jsonl")
         if not (self.is_root and os.path.isfile(old_log)):
             return []
@@ -91,17 +162,28 @@ class Trainer:
         return self.elapsed_before + time.monotonic() - self.started
 
     def save(self, iteration):
-        """Every rank writes its part of the snapshot at ``iteration``; returns its folder."""
+        """Every rank writes its part of the snapshot at ``iteration``; returns its folder.
+        Stops the run (exit 1 or 3) when the state is not finite or the files cannot be
+        written; either way the earlier snapshots stay as they were."""
         options, comm = self.options, self.comm
         state = {"iteration": iteration, "loader": self.train_loader.state_dict(),
                  "rng": checkpoint.rng_states(), "meter": self.meter.state(),
+                 "divergence": self.divergence.state(),
                  "elapsed_time": self.elapsed(), "options": options_dict(options)}
         meta = {"iteration": iteration, "epoch": iteration / self.iterations_per_epoch,
                 "size": comm.size, "arch": options.arch, "optimizer": options.optimizer,
                 "seed": options.seed, "global_batch": global_batch(options, comm.size),
                 "train_examples": self.train_examples, "options": options_dict(options)}
         snapshot = checkpoint.RankSnapshot(self.classifier, self.optimizer, state)
-        self.last_snapshot = checkpoint.write_snapshot(options.out, comm, snapshot, meta)
+        try:
+            self.last_snapshot = checkpoint.write_snapshot(options.out, comm, snapshot, meta,
+                                                           options.keep_snapshots)
+        except checkpoint.NonFiniteState as error:
+            self.diverged(iteration, f"the state to checkpoint is not finite ({error})")
+        except checkpoint.SnapshotWriteError as error:
+            self.stop_with(EXIT_SNAPSHOT, f"{error}; free some space (or choose another "
+                                          f"--out) and continue with --resume "
+                                          f"{options.out}")
         return self.last_snapshot
 
     # -- the loop -------------------------------------------------------------------------
@@ -128,39 +210,67 @@ class Trainer:
                 start = time.perf_counter()
                 lr = self.schedules.apply(self.optimizer, iteration / per_epoch)["lr"]
                 x, t = next(self.train_loader)
-                report = step(x, t)
-                local = numpy.append(self.classifier.pop_totals(), float(stop.requested))
+                failure, report = None, None
+                try:
+                    report = step(x, t)
+                except InversionError as error:  # after K-FAC's own fallbacks
+                    failure = f"K-FAC could not invert a factor ({error})"
+                epoch_end = (iteration + 1) % per_epoch == 0 or iteration + 1 == total
+                logged = (iteration + 1) % log_interval == 0 or epoch_end
+                if failure is None and logged:
+                    bad = non_finite_parameters(self.classifier)
+                    if bad:
+                        failure = f"the weights are not finite ({', '.join(bad[:3])} ...)"
+                local = numpy.append(self.classifier.pop_totals(),
+                                     [float(stop.requested), float(failure is not None)])
                 totals = comm.allreduce_obj(local)
                 iteration += 1
+                if totals[4] > 0:
+                    self.diverged(iteration, self.agreed_failure(failure))
                 if not math.isfinite(totals[0]):
-                    self.diverged(iteration, totals[0] / max(totals[2], 1.0))
+                    self.diverged(iteration, f"the training loss is "
+                                             f"{totals[0] / max(totals[2], 1.0)}")
+                if iteration == 1:
+                    self.divergence.first_loss(totals[0] / totals[2])
                 self.meter.add(totals[:3], report, time.perf_counter() - start)
                 meter = self.meter
                 self.progress.update(iteration, iteration / per_epoch,
                                      meter.loss / meter.examples, lr,
                                      meter.examples / meter.seconds if meter.seconds else 0.0)
-                epoch_end = iteration % per_epoch == 0 or iteration == total
-                if iteration % log_interval == 0 or epoch_end:
+                if logged:
                     self.end_interval(iteration, lr, epoch_end, total)
                 if totals[3] > 0:
                     return self.stopped(iteration, stop.signum)
         return 0
 
+    def agreed_failure(self, mine):
+        """The failure messages of every rank that had one (collective)."""
+        messages = self.comm.gather_obj(mine)
+        if messages is not None:
+            messages = "; ".join(f"rank {rank}: {message}" if len(messages) > 1 else message
+                                 for rank, message in enumerate(messages) if message)
+        return self.comm.bcast_obj(messages)
+
     def end_interval(self, iteration, lr, epoch_end, total):
-        """Log the interval that ends at ``iteration``; at an epoch end also validate (every
-        ``--val-interval`` epochs and at the end), report and checkpoint."""
+        """Log the interval that ends at ``iteration``; at an epoch end also checkpoint
+        (every ``--snapshot-interval`` epochs and at the end) and validate (every
+        ``--val-interval`` epochs and at the end)."""
         record = self.log_record(iteration, lr)
+        reason = self.divergence.interval(record["main/loss"])
+        if reason is not None:
+            self.diverged(iteration, reason)
         epoch = math.ceil(iteration / self.iterations_per_epoch)
+        saved = None
+        if epoch_end and (iteration == total or (self.options.snapshot_interval and epoch
+                                                 % self.options.snapshot_interval == 0)):
+            saved = self.save(iteration)
         if epoch_end and (epoch % self.options.val_interval == 0 or iteration == total):
-            self.validate(record)
+            self.validate(record, iteration, saved)
         record["elapsed_time"] = self.elapsed()
         if self.is_root:
             self.log.write(record)
         if epoch_end:
             self.progress.message(epoch_summary(record, epoch))
-            if iteration == total or (self.options.snapshot_interval
-                                      and epoch % self.options.snapshot_interval == 0):
-                self.save(iteration)
 
     def log_record(self, iteration, lr):
         """The record of the interval that ends at ``iteration`` (the meter is then reset)."""
@@ -174,25 +284,51 @@ class Trainer:
         self.meter.reset()
         return record
 
-    def validate(self, record):
-        result = evaluate(self.classifier.predictor, self.val_loader, self.comm)
-        record.update({"validation/main/loss": result["loss"],
-                       "validation/main/accuracy": result["accuracy"],
-                       "validation/main/accuracy_top5": result["accuracy_top5"]})
+    def validate(self, record, iteration, saved):
+        """Evaluate; a finite result marks the snapshot ``saved`` (if any) as validated.  An
+        unreadable validation image stops the run (exit 2) once the training state is safe
+        in a checkpoint; non-finite figures are a divergence."""
+        try:
+            result = evaluate(self.classifier.predictor, self.val_loader, self.comm)
+        except DataError as error:
+            if saved is None:
+                saved = self.save(iteration)
+            self.stop_with(EXIT_DATA, f"validation: {error}; the training state is in "
+                                      f"{saved}: fix the file (or pass --skip-corrupt) and "
+                                      f"continue with --resume {self.options.out}")
+        figures = {"validation/main/loss": result["loss"],
+                   "validation/main/accuracy": result["accuracy"],
+                   "validation/main/accuracy_top5": result["accuracy_top5"]}
+        record.update(figures)
+        if not all(math.isfinite(value) for value in figures.values()):
+            self.diverged(iteration, f"the validation loss is {result['loss']}")
+        if saved is not None:
+            if self.is_root:
+                checkpoint.mark_validated(saved, figures)
+            self.last_validated = saved
 
-    def diverged(self, iteration, loss):
-        """A NaN or infinite loss: stop at once, keeping the last good checkpoint."""
+    def diverged(self, iteration, reason):
+        """Stop at once (exit 1), writing nothing, naming the last good checkpoint."""
         where = f"iteration {iteration} (epoch {iteration / self.iterations_per_epoch:.2f})"
-        if self.last_snapshot is None:
+        good = self.last_snapshot
+        if good is None:
             kept = "no checkpoint had been written yet"
         else:
-            kept = (f"the last good checkpoint is {self.last_snapshot}; continue from it with "
-                    f"--resume {self.last_snapshot}")
-        self.progress.close()
+            kept = (f"the last good checkpoint is {good}; continue from it with --resume "
+                    f"{good}")
+            if self.last_validated not in (None, good):
+                kept += (f" (the newest that passed validation is {self.last_validated})")
+        self.stop_with(EXIT_DIVERGED, f"{reason} at {where}; stopping without writing a "
+                                      f"checkpoint: {kept}")
+
+    def stop_with(self, status, message):
+        """Every rank leaves with ``status``; rank 0 says why."""
+        if self.progress is not None:
+            self.progress.close()
         if self.is_root:
-            sys.stderr.write(f"{PROG}: the training loss is {loss} at {where}; stopping "
-                             f"without writing a checkpoint: {kept}\n")
-        sys.exit(EXIT_DIVERGED)
+            sys.stderr.write(f"{PROG}: {message}\n")
+            sys.stderr.flush()
+        sys.exit(status)
 
     def stopped(self, iteration, signum):
         """SIGTERM/SIGINT: checkpoint at ``iteration`` (unless just written), then exit."""
