@@ -364,3 +364,41 @@ def test_a_label_outside_the_declared_classes_is_named(photos):
     status, output = run_training(image_args(tmp_path, str(train), val, "--n-class", "3"), 2)
     assert status == 2, output
     assert (f"{train}:7: label 4000 is outside the class range [0, 3)") in output, output
+
+
+def test_an_unreadable_validation_image_stops_after_the_epochs_checkpoint(photos):
+    tmp_path, entries = photos
+    train = list_file(tmp_path / "train.txt", [e for i, e in enumerate(entries) if i % 3 != 2])
+    val_entries = entries[2::3]
+    val = list_file(tmp_path / "val.txt", val_entries)
+    corrupt = tmp_path / "images" / val_entries[3][0]
+    corrupt.write_bytes(b"\xff\xd8 not a jpeg")  # it exists: only decoding finds it
+    out = tmp_path / "out"
+    args = image_args(tmp_path, train, val, "--epoch", "2")
+    status, output = run_training(args, 2)
+    assert status == 2, output
+    snapshot = out / "snapshot_iter_000002"
+    assert re.search(rf"train_imagenet.py: validation: corrupt image {re.escape(str(corrupt))}: "
+                     rf".*; the training state is in {re.escape(str(snapshot))}: fix the file "
+                     rf"\(or pass --skip-corrupt\) and continue with --resume "
+                     rf"{re.escape(str(out))}", output), output
+    assert latest(out) == str(snapshot)
+    status, output = run_training(args + ["--resume", str(out), "--skip-corrupt"], 2)
+    assert status == 0, output
+    assert "resumed at iteration 2" in output and "train_imagenet.py: finished" in output
+
+
+def test_a_factor_kfac_cannot_invert_stops_the_run_on_every_rank(tmp_path):
+    out = tmp_path / "run"
+    # lr x 1e40 from iteration 19: NaN weights, then NaN factors at the next refresh; with a
+    # log interval of 6 the weights are not checked before the inversion fails
+    status, output = run_training(tiny(2, "--out", str(out), "--log-interval", "6",
+                                       "--stale-warmup", "40", "--lr-schedule", "step",
+                                       "--lr-milestones", "1.5", "--lr-decay-rate", "1e40"), 2)
+    assert status == 1, output
+    assert re.search(r"train_imagenet.py: (rank \d: )?K-FAC could not invert a factor \(K-FAC: "
+                     r"cannot invert the factor of /predictor/\S+ even with damping .*\) at "
+                     r"iteration \d+ .*; stopping without writing a checkpoint: the last good "
+                     rf"checkpoint is {re.escape(str(out / 'snapshot_iter_000012'))}", output), \
+        output
+    assert latest(out) == str(out / "snapshot_iter_000012")
