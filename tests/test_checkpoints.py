@@ -283,3 +283,21 @@ def test_check_resumable_accepts_a_namespace_of_resolved_options(tmp_path, monke
     check_resumable("run", meta, options, 1, 192)
     with pytest.raises(OptionError, match="192 training examples"):
         check_resumable("run", meta, options, 1, 100)
+
+
+def test_a_rank_reads_its_layers_factors_from_their_old_owners_files_only(tmp_path):
+    for rank, layer in ((0, "a"), (1, "b"), (2, "c")):
+        np.savez(checkpoint.rank_file(str(tmp_path), rank), **{
+            "model/W": np.full(2, 7.0), "optimizer/rng_state": np.full(1, rank),
+            f"optimizer/fisher/{layer}/factor_A": np.full((2, 2), float(rank))})
+    owners = {"a": 0, "b": 1, "c": 2}
+    archive = snapshot_reader.MergedArchive(str(tmp_path), 3, 1, {"c"}.__contains__, owners)
+    assert archive.files == ["model/W", "optimizer/fisher/c/factor_A", "optimizer/rng_state"]
+    assert archive["optimizer/fisher/c/factor_A"][0, 0] == 2 and archive["optimizer/rng_state"]
+    assert sorted(archive._open) == [1, 2]  # rank 1's own file and c's old owner's
+    archive.close()
+    # rank 4 of a larger world: rank 1's (4 mod 3) file, without its label sampler's state
+    archive = snapshot_reader.MergedArchive(str(tmp_path), 3, 4, {"a", "b"}.__contains__)
+    assert archive.files == ["model/W", "optimizer/fisher/a/factor_A",
+                             "optimizer/fisher/b/factor_A"]
+    archive.close()

@@ -11,7 +11,8 @@ snapshot named explicitly is an error naming the file and the snapshot to use in
 A snapshot written by P ranks can be loaded by Q ranks (:func:`load_snapshot`): everything
 but the K-FAC state comes from the file of rank ``r mod P`` (the weights, momentum, schedule
 and loader position are the same on every rank), and the factors and inverses of each layer
-this rank owns now come from the file of the rank that owned it then.
+this rank owns now come from the file of the rank that owned it then (``meta.json``'s
+``kfac_owners``, so a rank opens only the files it needs).
 """
 import hashlib
 import json
@@ -53,6 +54,9 @@ def read_meta(snapshot_dir):
         raise DamagedSnapshot(f"{path}: cannot read it ({error})") from None
     except json.JSONDecodeError as error:
         raise DamagedSnapshot(f"{path}: not valid JSON ({error})") from None
+    if isinstance(meta, dict) and "iteration" in meta and "checksum" not in meta:
+        raise DamagedSnapshot(f"{path}: written by an earlier version of train_imagenet.py, "
+                              "without checksums; it cannot be verified or resumed")
     if not isinstance(meta, dict) or "checksum" not in meta or "files" not in meta:
         raise DamagedSnapshot(f"{path}: not a snapshot's metadata (no checksum or files)")
     body = {key: value for key, value in meta.items() if key != "checksum"}
@@ -161,7 +165,7 @@ class MergedArchive:
     """The arrays one rank loads, looked up in the files of the snapshot's ranks (what
     :class:`~kfac_mn.serializers.NpzDeserializer` reads from: ``files`` and ``[key]``)."""
 
-    def __init__(self, snapshot_dir, saved_size, rank, owns):
+    def __init__(self, snapshot_dir, saved_size, rank, owns, old_owners=None):
         self.snapshot_dir = snapshot_dir
         self._open = {}
         base = rank % saved_size
@@ -170,7 +174,10 @@ class MergedArchive:
             if key.startswith(FISHER_PREFIX) or (rank >= saved_size and key in RANK_OWN_KEYS):
                 continue
             self._source[key] = base
-        for source in range(saved_size):
+        sources = range(saved_size)
+        if old_owners is not None:  # only the files of our layers' old owners
+            sources = sorted({owner for layer, owner in old_owners.items() if owns(layer)})
+        for source in sources:
             for key in self._archive(source).files:
                 if key.startswith(FISHER_PREFIX) and owns(_layer_of(key)):
                     self._source.setdefault(key, source)
@@ -200,7 +207,8 @@ def load_snapshot(snapshot_dir, meta, rank, snapshot, owns=None):
     ``rank`` of any world size; ``owns(layer path)`` says which K-FAC layers' factors and
     inverses this rank keeps (default: all).  Returns the stored ``state``."""
     archive = MergedArchive(snapshot_dir, meta["size"], rank,
-                            owns if owns is not None else (lambda layer: True))
+                            owns if owns is not None else (lambda layer: True),
+                            meta.get("kfac_owners"))
     try:
         deserializer = NpzDeserializer(archive, file_name=os.path.join(
             snapshot_dir, rank_file_name(rank % meta["size"])))

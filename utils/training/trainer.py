@@ -174,6 +174,9 @@ class Trainer:
                 "size": comm.size, "arch": options.arch, "optimizer": options.optimizer,
                 "seed": options.seed, "global_batch": global_batch(options, comm.size),
                 "train_examples": self.train_examples, "options": options_dict(options)}
+        owners = getattr(self.optimizer, "owners", None)
+        if owners:  # K-FAC's layer owners, by the serializer's layer paths
+            meta["kfac_owners"] = {name.strip("/"): rank for name, rank in owners.items()}
         snapshot = checkpoint.RankSnapshot(self.classifier, self.optimizer, state)
         try:
             self.last_snapshot = checkpoint.write_snapshot(options.out, comm, snapshot, meta,
