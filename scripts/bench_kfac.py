@@ -3,7 +3,7 @@
     python scripts/bench_kfac.py [--batchsize 8] [--size 224] [--interval 20] [--device cpu]
 
 (a) K-FAC refreshing factors and inverting every step.
-(b) K-FAC on the stale schedule after warm-up.  Once the adaptive schedule (PAPER.md) has
+(b) K-FAC on the stale schedule after warm-up.  Once the adaptive schedule (docs/SPEC.md) has
     grown every layer's interval to its maximum M, each layer refreshes its factors and
     inverses once per M steps and reuses them in between.  By default (b) measures one such
     cycle directly: the fixed schedule with factor and inverse interval M, i.e. one refresh

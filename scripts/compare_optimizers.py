@@ -6,7 +6,7 @@ Both optimizers train the same small ResNet (``resnet_mnist``) from the same
 initial weights, with the same data order, the same schedule family (linear
 warm-up over ``--warmup`` epochs, then the paper's polynomial decay to zero at
 the last epoch, momentum scaled down with the lr) and weight rescaling instead
-of weight decay (PAPER.md).
+of weight decay (docs/SPEC.md, section 2).
 
 Tuning protocol (the same budget for both): each optimizer tries each
 learning rate of its grid (``--sgd-lrs``, ``--kfac-lrs``: three values each)

@@ -1,6 +1,6 @@
 """One K-FAC step on both backends: the damped natural-gradient step from first principles.
 
-The expected step is computed on the host in float64 from the definitions of PAPER.md
+The expected step is computed on the host in float64 from the definitions of docs/SPEC.md
 (explicit im2col patches, per-example output gradients, pi-corrected damping, explicit
 inverses), then one ``KFAC.update`` runs on the backend under test.  The stale-statistics
 step reuses the inverses of the last refresh.  The ``gpu`` test at the end checks that a

@@ -27,7 +27,7 @@ def test_resnet50_has_the_standard_size_and_layout():
     model = models.archs["resnet50"]()
     assert model.count_params() == 25_557_032
     layers = dict(kfac_layers(model))
-    assert len(layers) == 107  # 53 conv, 53 BN, 1 FC (PAPER.md)
+    assert len(layers) == 107  # 53 conv, 53 BN, 1 FC (docs/SPEC.md, section 4)
     assert sum(isinstance(link, links.Convolution2D) for link in layers.values()) == 53
     assert {"/conv1", "/bn1", "/res2/0/conv1", "/res2/0/conv4", "/res2/0/bn4",
             "/res4/5/conv3", "/res5/2/bn3", "/fc"} <= set(layers)

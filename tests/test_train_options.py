@@ -18,7 +18,7 @@ from utils.training.options import (
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
-# The recipe table of PAPER.md: batch -> (epochs, lr0, power, decay start, decay end,
+# The recipe table of docs/SPEC.md: batch -> (epochs, lr0, power, decay start, decay end,
 # momentum, damping, mixup alpha)
 RECIPE = {
     4096: (36, 8.18e-3, 11, 1, 53, 0.997, 2.5e-4, 0.4),
