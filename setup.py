@@ -22,6 +22,8 @@ setup(
         "zarr>=2.11",
         # PNG plots of training curves and benchmark figures
         "matplotlib>=3.5",
+        # the progress bar: drawn on a terminal only, so redirected logs stay readable
+        "tqdm>=4.60",
     ],
     extras_require={
         # Everything the test suite needs, MPI included (mpich from PyPI: no system MPI).

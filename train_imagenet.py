@@ -34,7 +34,7 @@ share_cores_between_ranks()  # before NumPy starts its BLAS threads
 import numpy  # noqa: E402
 
 from kfac_mn import backend  # noqa: E402
-from kfac_mn.communicators import create_communicator  # noqa: E402
+from kfac_mn.communicators import NcclUnavailable, create_communicator  # noqa: E402
 from kfac_mn.communicators.watchdog import Watchdog, WatchedCommunicator  # noqa: E402
 from models import archs  # noqa: E402
 from utils.training import snapshot_reader  # noqa: E402
@@ -160,8 +160,9 @@ def main(argv=None):
                                    alpha=options.comm_alpha, bandwidth=options.comm_bandwidth)
     except OptionError as error:
         fail_usage(str(error), world_rank)
-    except RuntimeError as error:  # what the communicator needs is missing (CuPy, NCCL, GPU)
-        fail_usage(f"--communicator {options.communicator}: {error}", world_rank)
+    except NcclUnavailable as error:  # CuPy, NCCL or a GPU is missing
+        fail_usage(f"--communicator nccl needs {error.reason}; leave out --communicator "
+                   "nccl (and --gpu) to run on the CPU over MPI", world_rank)
     resume_dir, resume_meta = checked(comm, choose_resume, options, comm)
     train_set, val_set, model = checked(comm, prepare, options, comm, resume_dir,
                                         resume_meta)

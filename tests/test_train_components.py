@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from utils.training import checkpoint
-from utils.training.blas_threads import share_cores_between_ranks
+from utils.training.blas_threads import share_cores_between_ranks, usable_cores
 from utils.training.datasets import FirstExamples
 from utils.training.log import IntervalMeter, LogWriter, interval_summary, read_log
 from utils.training.progress import ProgressBar
@@ -64,15 +64,27 @@ def test_log_writer_and_reader(tmp_path):
         read_log(str(tmp_path / "none.jsonl"))
 
 
-def test_progress_bar_shows_iteration_epoch_loss_lr_and_speed():
-    stream = io.StringIO()
-    bar = ProgressBar(10, enabled=True, stream=stream, min_interval=0.0)
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_draws_on_a_terminal_only_and_messages_are_whole_lines():
+    terminal = Terminal()
+    bar = ProgressBar(10, enabled=True, stream=terminal, min_interval=0.0)
     bar.update(5, 0.5, 0.25, 0.01, 1234.0)
     bar.message("epoch 1 done")
-    text = stream.getvalue()
-    assert text.startswith("\r[##########..........]  50.0% iter 5/10 epoch 0.50 loss 0.2500 "
-                           "lr 0.01 1234 img/s ETA ")
-    assert text.endswith("\nepoch 1 done\n")
+    bar.close()
+    text = terminal.getvalue()
+    assert " 5/10 " in text and "epoch 0.50 loss 0.2500 lr 0.01 1234 img/s" in text, text
+    assert "epoch 1 done\n" in text
+    redirected = io.StringIO()  # a log file: no bar, no carriage returns, just the messages
+    bar = ProgressBar(10, enabled=True, stream=redirected, min_interval=0.0)
+    for iteration in range(1, 11):
+        bar.update(iteration, iteration / 10, 0.1, 0.01, 1.0)
+    bar.message("epoch 1 done")
+    bar.close()
+    assert redirected.getvalue() == "epoch 1 done\n"
     quiet = io.StringIO()
     silent = ProgressBar(10, quiet=True, stream=quiet)
     silent.update(10, 1.0, 0.1, 0.01, 1.0)
@@ -140,11 +152,22 @@ def test_first_examples_is_a_prefix_of_the_dataset():
         FirstExamples(Numbers(), 11)
 
 
-def test_ranks_share_the_cores_unless_the_user_chose_thread_counts():
-    cores = os.cpu_count()
+def test_every_process_gets_its_share_of_the_cores_unless_the_user_chose():
     environ = {"MPI_LOCALNRANKS": "2", "OMP_NUM_THREADS": "7"}
-    assert share_cores_between_ranks(environ) == max(1, cores // 2)
-    assert environ["OPENBLAS_NUM_THREADS"] == str(max(1, cores // 2))
+    assert share_cores_between_ranks(environ, cores=8) == 4
+    assert environ["OPENBLAS_NUM_THREADS"] == environ["MKL_NUM_THREADS"] == "4"
     assert environ["OMP_NUM_THREADS"] == "7"
-    assert share_cores_between_ranks({"PMI_SIZE": "1"}) is None
-    assert share_cores_between_ranks({"OMPI_COMM_WORLD_LOCAL_SIZE": "1"}) is None
+    assert share_cores_between_ranks({"OMPI_COMM_WORLD_LOCAL_SIZE": "3"}, cores=8) == 2
+    one = {}  # one process, no launcher: the same policy
+    assert share_cores_between_ranks(one, cores=6) == 6 and one["OPENBLAS_NUM_THREADS"] == "6"
+    assert share_cores_between_ranks({"MPI_LOCALNRANKS": "4"}, cores=2) == 1
+
+
+def test_usable_cores_follow_the_affinity_and_a_cgroup_quota(tmp_path):
+    affinity = len(os.sched_getaffinity(0))
+    limit = tmp_path / "cpu.max"
+    limit.write_text("max 100000\n")
+    assert usable_cores(str(limit)) == affinity
+    limit.write_text("150000 100000\n")  # 1.5 CPUs of quota: 2 threads
+    assert usable_cores(str(limit)) == min(affinity, 2)
+    assert usable_cores(str(tmp_path / "none")) == affinity

@@ -3,6 +3,7 @@ the configs/ of the paper's recipe table."""
 import argparse
 import json
 import pathlib
+import re
 
 import pytest
 
@@ -232,3 +233,19 @@ def test_out_is_checked_before_any_work(tmp_path):
     assert (run / "log.jsonl").read_text() == "{}\n"  # nothing touched
     assert parse_options(["--out", str(run), "--overwrite"]).overwrite
     assert parse_options(["--out", str(run), "--resume", str(run)]).resume == str(run)
+
+
+def test_help_explains_every_flag_and_names_each_default_once():
+    text = build_parser().format_help()
+    entries = re.split(r"\n(?=  -)", text.split("\n\n", 1)[1])[1:]
+    entries = [entry.split("\n\n")[0] for entry in entries]  # up to a group's title
+    assert len(entries) > 60
+    for entry in entries:
+        name = entry.split()[0]
+        description = " ".join(entry.split("\n", 1)[-1].split()) if "\n" in entry else ""
+        assert description or len(entry.split("  ")) > 2, f"{name} has no help"
+        assert entry.count("default:") <= 1, entry
+    for flag, shown in (("--optimizer", "(default: kfac)"), ("--momentum", "(default: 0.9)"),
+                        ("--comm-alpha", "default: 2e-06"), ("--keep-snapshots", "(default: 2)")):
+        entry = next(e for e in entries if e.lstrip().startswith(flag))
+        assert shown in " ".join(entry.split()), entry

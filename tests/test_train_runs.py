@@ -252,6 +252,11 @@ def test_a_nan_loss_stops_naming_the_iteration_and_keeps_the_last_good_checkpoin
      "--communicator nccl needs --gpu (NCCL moves CuPy arrays)"),
     pytest.param(lambda tmp: ["--gpu"], "--gpu needs CuPy and a visible CUDA device",
                  marks=pytest.mark.skipif(backend.gpu_available(), reason="a GPU is here")),
+    pytest.param(lambda tmp: ["--communicator", "nccl", "--gpu"],
+                 "--communicator nccl needs CuPy with NCCL, and CuPy is not installed (pip "
+                 "install 'kfac_mn[gpu]' or cupy-cudaXXx); leave out --communicator nccl (and "
+                 "--gpu) to run on the CPU over MPI",
+                 marks=pytest.mark.skipif(backend.cupy_available, reason="CuPy is here")),
 ])
 def test_bad_input_is_a_clear_error_before_any_work(tmp_path, make_args, message):
     (tmp_path / "run.json").write_text('{"batchsize": 8, "bachsize": 8}')
@@ -378,3 +383,20 @@ def test_the_default_run_reaches_98_5_percent_within_5_minutes(tmp_path):
           f"{os.getloadavg()[0]:.1f}")
     assert accuracy >= 0.985
     assert seconds <= 300
+
+
+def test_the_epoch_summary_averages_the_whole_epoch_and_names_a_partial_one(tmp_path):
+    out = tmp_path / "run"
+    # log records after iterations 5, 10 and 12: the summary is their mean by examples
+    status, output = run_training(tiny(1, "--out", str(out), "--epoch", "1",
+                                       "--log-interval", "5"))
+    assert status == 0, output
+    records = read_log(str(out / "log.jsonl"))
+    assert [r["iteration"] for r in records] == [5, 10, 12]
+    mean = (5 * records[0]["main/loss"] + 5 * records[1]["main/loss"]
+            + 2 * records[2]["main/loss"]) / 12
+    found = re.search(r"epoch 1 \(iteration 12\): loss (\S+) accuracy", output)
+    assert found and float(found.group(1)) == pytest.approx(mean, abs=1e-4), output
+    status, output = run_training(tiny(1, "--out", str(tmp_path / "short"), "--epoch", "0.3"))
+    assert status == 0, output
+    assert re.search(r"\nepoch 0.33 \(iteration 4\): loss ", output), output

@@ -12,20 +12,28 @@ from kfac_mn.communicators.communicator_base import CommunicatorBase  # noqa: F4
 COMMUNICATOR_NAMES = ("mpi", "nccl")
 
 
+class NcclUnavailable(RuntimeError):
+    """What the NCCL communicator needs is missing; ``reason`` says what, without advice."""
+
+    def __init__(self, reason):
+        super().__init__(f"create_communicator('nccl') needs {reason}; on the CPU use "
+                         "create_communicator('mpi')")
+        self.reason = reason
+
+
 def require_nccl():
-    """CuPy's NCCL module, or a RuntimeError saying what is missing (checked before MPI starts)."""
-    fallback = "; on the CPU use create_communicator('mpi')"
+    """CuPy's NCCL module, or :class:`NcclUnavailable` saying what is missing (checked before
+    MPI starts)."""
     if not backend.cupy_available:
-        raise RuntimeError("create_communicator('nccl') needs CuPy with NCCL, and CuPy is not "
-                           "installed (pip install 'kfac_mn[gpu]' or cupy-cudaXXx)" + fallback)
+        raise NcclUnavailable("CuPy with NCCL, and CuPy is not installed (pip install "
+                              "'kfac_mn[gpu]' or cupy-cudaXXx)")
     nccl = backend.load_nccl()
     if nccl is None:
-        raise RuntimeError("create_communicator('nccl') needs NCCL, and this CuPy has no NCCL "
-                           "support (cupy.cuda.nccl.available is False; install NCCL, e.g. "
-                           "pip install nvidia-nccl-cu12)" + fallback)
+        raise NcclUnavailable("NCCL, and this CuPy has no NCCL support "
+                              "(cupy.cuda.nccl.available is False; install NCCL, e.g. pip "
+                              "install nvidia-nccl-cu12)")
     if not backend.gpu_available():
-        raise RuntimeError("create_communicator('nccl') needs a CUDA device, and none is "
-                           "visible" + fallback)
+        raise NcclUnavailable("a CUDA device, and none is visible")
     return nccl
 
 

@@ -33,6 +33,18 @@ class OptionError(ValueError):
     """A bad option, config file or option combination (reported as a usage error)."""
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" once: not where the help already names its default, nor for
+    defaults resolved later (None) or booleans (the --x/--no-x pair says it)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default:" in text or action.default in (None, argparse.SUPPRESS) \
+                or isinstance(action, argparse.BooleanOptionalAction):
+            return text
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         raise OptionError(message)
@@ -45,7 +57,7 @@ def build_parser():
         description="Distributed K-FAC (or momentum SGD) training under mpiexec, in the "
                     "spirit of Chainer's ImageNet example. Without --train/--val it trains a "
                     "small ResNet on the embedded MNIST.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     add = parser.add_argument
     add("--config", metavar="FILE.json",
         help="JSON object of option values (keys: option names); flags override it")
@@ -107,10 +119,12 @@ def build_parser():
                             "--comm-bandwidth)")
     model.add_argument("--comm-alpha", type=float, default=DEFAULT_ALPHA,
                        help="seconds per message that --collectives auto assumes (default: "
-                            "InfiniBand EDR; 'alpha' of scale_model.py --calibrate)")
+                            f"{DEFAULT_ALPHA:g}, InfiniBand EDR; 'alpha' of scale_model.py "
+                            "--calibrate)")
     model.add_argument("--comm-bandwidth", type=float, default=DEFAULT_BANDWIDTH,
                        help="bytes per second per link that --collectives auto assumes "
-                            "(default: InfiniBand EDR; 'bandwidth' of --calibrate)")
+                            f"(default: {DEFAULT_BANDWIDTH:g}, InfiniBand EDR; 'bandwidth' of "
+                            "--calibrate)")
 
     training = parser.add_argument_group("training")
     training.add_argument("--batchsize", "-B", type=int, default=32,
@@ -125,7 +139,10 @@ def build_parser():
                           help="validation examples per worker and batch")
     training.add_argument("--epoch", "-E", type=float, default=1.0,
                           help="training epochs (may be fractional)")
-    training.add_argument("--optimizer", choices=OPTIMIZERS, default="kfac")
+    training.add_argument("--optimizer", choices=OPTIMIZERS, default="kfac",
+                          help="kfac: distributed K-FAC (the paper); sgd: momentum SGD with "
+                               "the same schedules (the defaults are tuned for K-FAC: give "
+                               "SGD its own --lr)")
     training.add_argument("--seed", type=int, default=0,
                           help="initial weights, data order and augmentation")
     training.add_argument("--out", "-o", default="result",
@@ -162,7 +179,9 @@ def build_parser():
                           help="linear lr warm-up from --warmup-from x lr over these epochs")
     schedule.add_argument("--warmup-from", type=float, default=0.0,
                           help="fraction of the lr the warm-up starts from")
-    schedule.add_argument("--momentum", type=float, default=0.9)
+    schedule.add_argument("--momentum", type=float, default=0.9,
+                          help="momentum of the update (scaled down with the lr, see "
+                               "--momentum-scaling)")
     schedule.add_argument("--momentum-scaling", action=argparse.BooleanOptionalAction,
                           default=True,
                           help="scale momentum down with the lr (m = m0 lr / lr0 once the lr "

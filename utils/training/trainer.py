@@ -98,6 +98,7 @@ class Trainer:
         self.train_examples = train_examples
         self.iterations_per_epoch = train_loader.iterations_per_epoch
         self.meter = IntervalMeter()
+        self.epoch_totals = numpy.zeros(3)  # loss x examples, hits, examples of this epoch
         self.divergence = Divergence(options.divergence_factor, options.divergence_patience)
         self.elapsed_before = 0.0  # seconds of the runs this one continues
         self.started = None        # time.monotonic() when this run's loop started
@@ -122,6 +123,7 @@ class Trainer:
         self.train_loader.load_state_dict(state["loader"])
         checkpoint.set_rng_states(state["rng"])
         self.meter.load(state["meter"])
+        self.epoch_totals = numpy.asarray(state["epoch_totals"], dtype=float)
         self.divergence.load(state["divergence"])
         self.elapsed_before = state["elapsed_time"]
         self.last_snapshot = snapshot_dir
@@ -168,6 +170,7 @@ class Trainer:
         options, comm = self.options, self.comm
         state = {"iteration": iteration, "loader": self.train_loader.state_dict(),
                  "rng": checkpoint.rng_states(), "meter": self.meter.state(),
+                 "epoch_totals": self.epoch_totals.tolist(),
                  "divergence": self.divergence.state(),
                  "elapsed_time": self.elapsed(), "options": options_dict(options)}
         meta = {"iteration": iteration, "epoch": iteration / self.iterations_per_epoch,
@@ -236,6 +239,7 @@ class Trainer:
                 if iteration == 1:
                     self.divergence.first_loss(totals[0] / totals[2])
                 self.meter.add(totals[:3], report, time.perf_counter() - start)
+                self.epoch_totals += totals[:3]
                 meter = self.meter
                 self.progress.update(iteration, iteration / per_epoch,
                                      meter.loss / meter.examples, lr,
@@ -273,7 +277,10 @@ class Trainer:
         if self.is_root:
             self.log.write(record)
         if epoch_end:
-            self.progress.message(epoch_summary(record, epoch))
+            loss, hits, examples = self.epoch_totals
+            self.progress.message(epoch_summary(record, iteration / self.iterations_per_epoch,
+                                                loss / examples, hits / examples))
+            self.epoch_totals = numpy.zeros(3)
 
     def log_record(self, iteration, lr):
         """The record of the interval that ends at ``iteration`` (the meter is then reset)."""
@@ -368,10 +375,13 @@ class Trainer:
         print("\n".join(lines), flush=True)
 
 
-def epoch_summary(record, epoch):
-    """One line for the end of an epoch: training and (if measured) validation figures."""
-    text = (f"epoch {epoch} (iteration {record['iteration']}): loss {record['main/loss']:.4f} "
-            f"accuracy {record['main/accuracy']:.4f}")
+def epoch_summary(record, epoch, loss, accuracy):
+    """One line for the end of an epoch (``epoch`` fractional at the end of a shorter run):
+    the training ``loss`` and ``accuracy`` averaged over the whole epoch, and the validation
+    figures if measured."""
+    label = f"{epoch:g}" if epoch == int(epoch) else f"{epoch:.2f}"
+    text = (f"epoch {label} (iteration {record['iteration']}): loss {loss:.4f} "
+            f"accuracy {accuracy:.4f}")
     if "validation/main/loss" in record:
         text += (f" | validation loss {record['validation/main/loss']:.4f} top-1 "
                  f"{record['validation/main/accuracy']:.4f} top-5 "
