@@ -44,6 +44,7 @@ from utils.training.optimizer import build_optimizer, build_schedules  # noqa: E
 from utils.training.options import (  # noqa: E402
     OptionError,
     check_world,
+    global_batch,
     parse_options,
     resolve_arch,
     resolve_image_sizes,
@@ -87,6 +88,7 @@ def prepare(options, comm, resume_dir, resume_meta):
     the batch arithmetic, the datasets, the model, the resume checkpoint's compatibility.
     Returns (train set, val set, model); raises OptionError/ValueError/OSError/KeyError."""
     check_world(options, comm.size)
+    options.global_batch = global_batch(options, comm.size)  # resolved, as options.json says
     kind = dataset_kind(options)
     resolve_arch(options, kind)
     if options.gpu and not backend.gpu_available():

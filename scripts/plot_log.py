@@ -5,16 +5,33 @@
         --out result/compare
 
 Writes ``loss.png`` and ``accuracy.png`` into ``--out`` (default: the directory of the first
-log), each against epochs and against wall time, and prints their paths.
+log), each against epochs and against wall time, and ``stages.png``, the seconds per update of
+each stage (one bar per run); prints their paths.  The title names each run's optimizer,
+workers and global batch when its ``options.json`` is beside its log.
 """
 import argparse
+import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from utils.training.log import read_log  # noqa: E402
-from utils.training.plots import plot_runs  # noqa: E402
+from utils.training.plots import plot_runs, run_title  # noqa: E402
+from utils.training.time_report import plot_stages, stage_rows  # noqa: E402
+
+
+def title_of(log, records):
+    """The run's title from the ``options.json`` beside its log, or None."""
+    path = os.path.join(os.path.dirname(os.path.abspath(log)), "options.json")
+    try:
+        with open(path, encoding="utf-8") as stream:
+            options = json.load(stream)
+        size = options["global_batch"] // (options["batchsize"] * options["acc_iters"]) \
+            if options.get("global_batch") else None
+    except (OSError, ValueError, KeyError, ZeroDivisionError):
+        return None
+    return run_title(options, size) if size else None
 
 
 def main(argv=None):
@@ -34,7 +51,13 @@ def main(argv=None):
         parser.error(str(error))
     out = args.out or os.path.dirname(os.path.abspath(args.logs[0]))
     os.makedirs(out, exist_ok=True)
-    for path in plot_runs(runs, out):
+    titles = [title_of(log, records) for log, (_, records) in zip(args.logs, runs)]
+    title = titles[0] if len(runs) == 1 else " vs ".join(
+        f"{label}: {t}" for (label, _), t in zip(runs, titles) if t) or None
+    paths = plot_runs(runs, out, title)
+    if any(stage_rows(records)[0] for _, records in runs):
+        paths.append(plot_stages(runs, out, title))
+    for path in paths:
         print(path)
 
 

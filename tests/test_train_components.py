@@ -171,3 +171,26 @@ def test_usable_cores_follow_the_affinity_and_a_cgroup_quota(tmp_path):
     limit.write_text("150000 100000\n")  # 1.5 CPUs of quota: 2 threads
     assert usable_cores(str(limit)) == min(affinity, 2)
     assert usable_cores(str(tmp_path / "none")) == affinity
+
+
+def test_the_time_report_weights_each_interval_by_its_updates(tmp_path):
+    from utils.training.time_report import format_table, plot_stages, stage_rows
+
+    records = [  # 4 updates, then 1: the means per update weight them 4:1
+        {"iteration": 4, "seconds/1_compute": 0.010, "seconds/2_reduce": 0.030,
+         "bytes_sent": 400, "bytes_received": 800},
+        {"iteration": 5, "seconds/1_compute": 0.060, "seconds/2_reduce": 0.030,
+         "bytes_sent": 100, "bytes_received": 200},
+        {"iteration": 5, "validation/main/loss": 0.5}]  # a validation record adds nothing
+    rows, totals = stage_rows(records)
+    assert [row["stage"] for row in rows] == ["1_compute", "2_reduce"]
+    assert rows[0]["seconds"] == pytest.approx(0.020) and rows[1]["seconds"] == pytest.approx(0.030)
+    assert rows[0]["share"] == pytest.approx(0.4)
+    assert totals == pytest.approx({"updates": 5, "seconds": 0.050, "bytes_sent": 100.0,
+                                    "bytes_received": 200.0})
+    table = format_table(records)
+    assert "mean of 5 updates" in table and "1_compute" in table and "40.0%" in table
+    assert "sent 100, received 200" in table
+    assert format_table([{"iteration": 3}]) == ""
+    pytest.importorskip("matplotlib")
+    assert os.path.isfile(plot_stages([("run", records)], str(tmp_path), "a title"))

@@ -21,8 +21,17 @@ def _series(records, x_key, y_key):
     return [x for x, _ in points], [y for _, y in points]
 
 
-def plot_runs(runs, out_dir):
-    """Draw ``runs`` (``(label, records)`` pairs) into ``out_dir``; returns the PNG paths."""
+def run_title(options, size):
+    """What a plot's title says of a run: optimizer, workers, global batch, model, data."""
+    data = "embedded MNIST" if options["train"] is None else os.path.basename(
+        os.path.normpath(options["train"]))
+    return (f"{options['optimizer']} on {size} worker(s), global batch "
+            f"{size * options['batchsize'] * options['acc_iters']}, {options['arch']}, {data}")
+
+
+def plot_runs(runs, out_dir, title=None):
+    """Draw ``runs`` (``(label, records)`` pairs) into ``out_dir`` under ``title``; returns
+    the PNG paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -44,6 +53,8 @@ def plot_runs(runs, out_dir):
             axis.grid(alpha=0.3)
             if axis.lines:
                 axis.legend()
+        if title:
+            figure.suptitle(title)
         if y_label == "loss":
             for axis in axes:
                 if axis.lines and all(min(line.get_ydata()) > 0 for line in axis.lines):

@@ -25,7 +25,7 @@ import numpy
 
 from kfac_mn.fisher.inverse import InversionError
 from kfac_mn.links import BatchNormalization
-from utils.training import checkpoint, snapshot_reader
+from utils.training import checkpoint, snapshot_reader, time_report
 from utils.training.data_checks import DataError
 from utils.training.log import IntervalMeter, LogWriter, interval_summary, read_log
 from utils.training.options import global_batch, options_dict
@@ -352,7 +352,7 @@ class Trainer:
         return 128 + (signum or signal.SIGTERM)
 
     def finish(self):
-        """Rank 0: plots and the closing lines naming the outputs."""
+        """Rank 0: where the time went, the plots and the closing lines naming the outputs."""
         self.progress.close()
         if not self.is_root:
             return
@@ -364,11 +364,18 @@ class Trainer:
             lines[0] += (f"; validation top-1 {last['validation/main/accuracy']:.4f}, top-5 "
                          f"{last['validation/main/accuracy_top5']:.4f}, loss "
                          f"{last['validation/main/loss']:.4f} (epoch {last['epoch']:.2f})")
+        table = time_report.format_table(records)
+        if table:
+            lines.append(table)
         lines.append(f"  log:        {self.log_path}")
         if self.options.plot:
-            from utils.training.plots import plot_runs
+            from utils.training.plots import plot_runs, run_title
 
-            paths = plot_runs([("run", records)], self.options.out)
+            title = run_title(options_dict(self.options), self.comm.size)
+            paths = plot_runs([("run", records)], self.options.out, title)
+            if table:
+                paths.append(time_report.plot_stages([("run", records)], self.options.out,
+                                                     title))
             lines.append(f"  plots:      {', '.join(paths)}")
         lines.append(f"  checkpoint: {self.last_snapshot} (continue with --resume "
                      f"{self.options.out})")
