@@ -314,8 +314,9 @@ def test_the_log_has_every_field_and_plot_log_redraws_and_overlays_runs(tmp_path
                            str(reference / "log.jsonl"), "--labels", "kfac", "again", "--out",
                            str(plots)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == [str(plots / "loss.png"), str(plots / "accuracy.png")]
-    for name in ("loss.png", "accuracy.png"):
+    assert done.stdout.split() == [str(plots / "loss.png"), str(plots / "accuracy.png"),
+                                   str(plots / "stages.png")]
+    for name in ("loss.png", "accuracy.png", "stages.png"):
         assert (plots / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     done = subprocess.run([sys.executable, "scripts/plot_log.py", str(reference / "log.jsonl"),
                            "--labels", "a", "b"], cwd=REPO, capture_output=True, text=True,
@@ -343,7 +344,9 @@ def assert_finished_jpeg_run(out, status, output, iterations):
     assert 0 <= records[-1]["validation/main/accuracy"] <= 1
     assert np.isfinite(records[-1]["main/loss"])
     assert f"  log:        {out / 'log.jsonl'}" in output
-    assert f"  plots:      {out / 'loss.png'}, {out / 'accuracy.png'}" in output
+    assert (f"  plots:      {out / 'loss.png'}, {out / 'accuracy.png'}, {out / 'stages.png'}"
+            in output)
+    assert "where an update's time went (rank 0, mean of" in output
     assert f"  checkpoint: {out / checkpoint.snapshot_name(iterations)}" in output
     assert (out / "loss.png").is_file() and (out / "accuracy.png").is_file()
 
