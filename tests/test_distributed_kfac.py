@@ -2,6 +2,7 @@
 pure parts (assignment, buffer layout, float16 scaling, step accounting, argument checks)."""
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -78,16 +79,40 @@ def run_script(args, timeout=120):
 def test_trace_dataflow_shows_figure_1_on_two_ranks_and_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
     png = tmp_path / "trace.png"
-    result = run_script(["scripts/trace_dataflow.py", "--png", str(png)])
+    result = run_script(["scripts/trace_dataflow.py", "--png", str(png), "--follow", "/fc"])
     assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
     for stage in ("1 compute_local_statistics", "2 reduce_scatter_statistics",
                   "3 precondition_owned_layers", "4 allgather_preconditioned_gradients",
                   "5 apply_update"):
-        assert f"=== Stage {stage}" in result.stdout, result.stdout
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
+        assert f"=== Stage {stage}" in out, out
+    summary = json.loads(out.strip().splitlines()[-1])
     assert summary["ranks"] == 2 and summary["identical_weights"]
-    assert sorted(sum(summary["owners"], [])) == ["/conv1", "/conv2", "/fc"]
+    assert summary["followed_identical_after_stage_4"] and summary["follow"] == "/fc"
+    assert sorted(sum(summary["owners"], [])) == ["/bn1", "/conv1", "/conv2", "/fc"]
+    # the followed gradient: different per rank, the mean at its owner, the same everywhere
+    for line in ("local gradients differ between ranks: yes",
+                 "the owner's gradient is the mean of the ranks' local gradients: yes",
+                 "the owner's sum A is the sum of the ranks' local sums: yes",
+                 "the preconditioned gradient is identical on every rank: yes; it equals the "
+                 "owner's after stage 3: yes"):
+        assert line in out, out
+    stage4 = out.split("=== Stage 4")[1].split("=== Stage 5")[0]
+    grads = re.findall(r"rank (\d) W.grad: (\|x\| \S+ \[[^]]*\])", stage4)
+    assert len(grads) == 2 and grads[0][1] == grads[1][1], stage4
+    stage1 = out.split("=== Stage 1")[1].split("=== Stage 2")[0]
+    local = re.findall(r"rank \d W.grad: (\|x\| \S+)", stage1)
+    assert len(local) == 2 and local[0] != local[1], stage1
+    assert re.search(r"trailer of rank \d: 2 values, \(interval, steps to the next refresh\) "
+                     r"of /fc: \[\d+, \d+\]", stage4), stage4
+    # what each arrow carries is what the collective counted
+    sent = summary["rank0_bytes_sent_per_stage"]
+    arrows = re.findall(r"rank 0 -> rank 1: [^\n]*? = ([\d,]+) B", out)
+    assert [int(a.replace(",", "")) for a in arrows] == [sent[1]["reduce_scatter_v"],
+                                                         sent[3]["allgather_v"]], out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = run_script(["scripts/trace_dataflow.py", "--follow", "/nope"])
+    assert bad.returncode == 2 and "--follow /nope: not a layer" in bad.stderr
 
 
 @pytest.mark.mpi
