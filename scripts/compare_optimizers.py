@@ -1,6 +1,11 @@
 """The paper's claim at small scale: K-FAC vs MomentumSGD at a large batch on the embedded MNIST.
 
     python scripts/compare_optimizers.py [--batchsize 4096] [--epochs 20] [--out result/compare]
+    python scripts/compare_optimizers.py --preset cpu      # both tuned and trained in <= 10 min
+                                                           # on 2 CPU cores
+
+``--preset cpu`` sizes the same protocol for a laptop (:data:`PRESETS`): batch 1,024, 3
+epochs, lr trials of a third of an epoch, a lighter test; flags given as well override it.
 
 Both optimizers train the same small ResNet (``resnet_mnist``) from the same
 initial weights, with the same data order, the same schedule family (linear
@@ -29,6 +34,10 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from utils.training.blas_threads import share_cores_between_ranks  # noqa: E402
+
+share_cores_between_ranks()  # one BLAS thread, as every process of this project
 
 from utils.training.comparison import (  # noqa: E402
     TARGETS,
@@ -64,8 +73,21 @@ def plot(results, path):
     fig.savefig(path, dpi=120)
 
 
-def main():
+#: named sets of defaults: ``cpu`` fits tuning and training both optimizers into 10 minutes on
+#: two CPU cores (measured in docs/REPRODUCTION.md)
+PRESETS = {
+    "cpu": {"batchsize": 1024, "epochs": 3, "tune_epochs": 1 / 3, "warmup": 0.25,
+            "eval_every": 10, "bn_examples": 2000, "stats_batchsize": 256,
+            "sgd_lrs": [0.5, 1.0, 2.0], "kfac_lrs": [0.02, 0.05, 0.1],
+            "out": "result/compare_cpu"},
+}
+
+
+def parse_args(argv=None):
+    """The options, a ``--preset``'s values as defaults that flags override."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS),
+                        help="a named set of defaults (cpu: minutes on two CPU cores)")
     add_training_arguments(parser)
     parser.add_argument("--batchsize", type=int, default=4096)
     parser.add_argument("--epochs", type=int, default=20)
@@ -75,7 +97,14 @@ def main():
                         help="epoch where the lr reaches 0 (default: --epochs)")
     parser.add_argument("--eval-every", type=int, default=7, help="iterations")
     parser.add_argument("--out", default="result/compare")
-    args = parser.parse_args()
+    preset = parser.parse_known_args(argv)[0].preset
+    if preset is not None:
+        parser.set_defaults(**PRESETS[preset])
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
 
     data = to_device((load_split("train"), load_split("test")), args.device)
@@ -112,7 +141,8 @@ def main():
         print(f"{name:10s} {r['lr']:6g} " + " ".join(cells)
               + f" {row['final_accuracy']:10.4f} {row['train_seconds']:8.1f}")
     sgd, kfac = summary["sgd"], summary["kfac"]
-    figures = {"device": describe_device(args.device), "batchsize": args.batchsize,
+    figures = {"device": describe_device(args.device), "preset": args.preset,
+               "batchsize": args.batchsize,
                "epochs": args.epochs, "tuning": tuning,
                "sgd": sgd, "kfac": kfac}
     if sgd["epochs_to_98"] and kfac["epochs_to_98"]:

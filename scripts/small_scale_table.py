@@ -26,6 +26,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from utils.training.blas_threads import share_cores_between_ranks  # noqa: E402
+
+share_cores_between_ranks()  # one BLAS thread, as every process of this project
+
 from utils.training import comparison  # noqa: E402
 
 OPTIMIZERS = ("sgd", "kfac")

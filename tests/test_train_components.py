@@ -152,15 +152,17 @@ def test_first_examples_is_a_prefix_of_the_dataset():
         FirstExamples(Numbers(), 11)
 
 
-def test_every_process_gets_its_share_of_the_cores_unless_the_user_chose():
+def test_every_process_gets_one_blas_thread_unless_the_user_chose():
     environ = {"MPI_LOCALNRANKS": "2", "OMP_NUM_THREADS": "7"}
-    assert share_cores_between_ranks(environ, cores=8) == 4
-    assert environ["OPENBLAS_NUM_THREADS"] == environ["MKL_NUM_THREADS"] == "4"
+    assert share_cores_between_ranks(environ, cores=8) == 1
+    assert environ["OPENBLAS_NUM_THREADS"] == environ["MKL_NUM_THREADS"] == "1"
     assert environ["OMP_NUM_THREADS"] == "7"
-    assert share_cores_between_ranks({"OMPI_COMM_WORLD_LOCAL_SIZE": "3"}, cores=8) == 2
     one = {}  # one process, no launcher: the same policy
-    assert share_cores_between_ranks(one, cores=6) == 6 and one["OPENBLAS_NUM_THREADS"] == "6"
-    assert share_cores_between_ranks({"MPI_LOCALNRANKS": "4"}, cores=2) == 1
+    assert share_cores_between_ranks(one, cores=6) == 1 and one["OPENBLAS_NUM_THREADS"] == "1"
+    # more threads only where asked for, and never more than the process's share
+    assert share_cores_between_ranks({"OMPI_COMM_WORLD_LOCAL_SIZE": "3"}, cores=8,
+                                     per_process=4) == 2
+    assert share_cores_between_ranks({"MPI_LOCALNRANKS": "4"}, cores=2, per_process=4) == 1
 
 
 def test_usable_cores_follow_the_affinity_and_a_cgroup_quota(tmp_path):
