@@ -1,6 +1,6 @@
 """The paper's hyperparameter schedules, as functions of the (fractional) epoch.
 
-The paper's recipe (docs/DESIGN.md, "K-FAC conventions"): ``lr(e) = lr0`` for ``e < start``, then
+The paper's recipe (docs/SPEC.md, section 2): ``lr(e) = lr0`` for ``e < start``, then
 ``lr0 * (1 - (e - start) / (end - start)) ** p``; momentum is scaled down with
 the lr (``m <- m * lr / lr_prev`` when the lr falls), which is the closed form
 ``m(e) = m0 * lr(e) / lr0`` during the decay.  The same polynomial decay serves

@@ -1,4 +1,4 @@
-"""Fisher blocks: one per layer, in the conventions of docs/DESIGN.md ("K-FAC conventions").
+"""Fisher blocks: one per layer, in the conventions of docs/SPEC.md (section 3).
 
 A block turns what the :class:`~kfac_mn.fisher.hook.KFACHook` saw during one
 forward/backward (input activations ``a`` and output gradients ``g``) into
@@ -19,7 +19,7 @@ factors do not depend on how the global batch is split.
   second moment, diagonal ('diag', the paper), 2x2 per channel ('unit') or the
   full 2C x 2C block ('full').
 
-Damping (Tikhonov with pi-correction, as the paper; docs/DESIGN.md, "K-FAC conventions"):
+Damping (Tikhonov with pi-correction, as the paper; docs/SPEC.md, section 3):
 ``pi = sqrt((tr A / dim A) / (tr G / dim G))``,
 ``A_d = A + pi sqrt(gamma) I``, ``G_d = G + sqrt(gamma) / pi I``, and the
 preconditioned gradient ``G_d^{-1} [dW | db] A_d^{-1}``; BN blocks use

@@ -1,6 +1,6 @@
 """Damped symmetric inverses by Cholesky, with a checked fallback.
 
-Our convention (docs/DESIGN.md, "K-FAC conventions"): inverses by Cholesky in float32; on
+Our convention (docs/SPEC.md, section 3): inverses by Cholesky in float32; on
 failure a retry in float64 and/or with more damping, never silently.  :func:`damped_inverse`
 returns
 ``(M + damping * I)^{-1}`` computed from the Cholesky factor (on the CPU by LAPACK's

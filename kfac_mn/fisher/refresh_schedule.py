@@ -1,7 +1,7 @@
 """When to refresh Kronecker factors and inverses: fixed or adaptive (stale statistics).
 
 After a few hundred iterations the factors change slowly, so they are refreshed less often
-(the paper's stale statistics; docs/DESIGN.md, "K-FAC conventions"): every step
+(the paper's stale statistics; docs/SPEC.md, section 4): every step
 during a warm-up, then per-layer intervals that grow while the relative change
 ||F_new - F_old||_F / ||F_old||_F stays under a threshold, and shrink when it does not.
 

@@ -7,7 +7,7 @@ With a constant learning rate the two are the same method, v = -lr * b, and
 give the same weights step by step.  They differ when lr changes: Chainer's
 velocity carries the old learning rates, PyTorch's buffer does not (it
 rescales the whole history by the new lr).  The paper's recipe (Chainer code)
-uses the former, and also scales momentum down with lr (docs/DESIGN.md, "K-FAC conventions").
+uses the former, and also scales momentum down with lr (docs/SPEC.md, section 2).
 """
 import numbers
 
