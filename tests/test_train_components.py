@@ -196,3 +196,12 @@ def test_the_time_report_weights_each_interval_by_its_updates(tmp_path):
     assert format_table([{"iteration": 3}]) == ""
     pytest.importorskip("matplotlib")
     assert os.path.isfile(plot_stages([("run", records)], str(tmp_path), "a title"))
+
+
+def test_a_plot_title_names_optimizer_workers_batch_model_and_data():
+    from utils.training.plots import run_title
+
+    options = {"optimizer": "kfac", "batchsize": 32, "acc_iters": 2, "arch": "resnet50",
+               "train": "/data/imagenet/train/"}
+    assert run_title(options, 4) == "kfac on 4 worker(s), global batch 256, resnet50, train"
+    assert run_title({**options, "train": None}, 1).endswith("resnet50, embedded MNIST")
