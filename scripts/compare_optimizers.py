@@ -88,6 +88,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS),
                         help="a named set of defaults (cpu: minutes on two CPU cores)")
+    parser.add_argument("--show-options", action="store_true",
+                        help="print the options the run would use (one JSON object) and exit")
     add_training_arguments(parser)
     parser.add_argument("--batchsize", type=int, default=4096)
     parser.add_argument("--epochs", type=int, default=20)
@@ -105,6 +107,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.show_options:
+        print(json.dumps(vars(args), sort_keys=True))
+        return
     os.makedirs(args.out, exist_ok=True)
 
     data = to_device((load_split("train"), load_split("test")), args.device)

@@ -2,7 +2,6 @@
 and the accumulation helper against a whole-batch update."""
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -71,16 +70,16 @@ def test_small_scale_table_runs_every_batch_and_optimizer(tmp_path):
 
 
 def test_compare_optimizers_preset_sets_defaults_that_flags_override():
-    import importlib.util
+    def options(*flags):
+        done = subprocess.run([sys.executable, "scripts/compare_optimizers.py", *flags,
+                               "--show-options"], cwd=REPO, capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
 
-    spec = importlib.util.spec_from_file_location(
-        "compare_optimizers", pathlib.Path(__file__).resolve().parent.parent / "scripts"
-        / "compare_optimizers.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    plain = module.parse_args([])
-    assert (plain.batchsize, plain.epochs, plain.preset) == (4096, 20, None)
-    cpu = module.parse_args(["--preset", "cpu"])
-    assert (cpu.batchsize, cpu.epochs, cpu.out) == (1024, 3, "result/compare_cpu")
-    assert cpu.sgd_lrs == [0.5, 1.0, 2.0] and cpu.tune_epochs == pytest.approx(1 / 3)
-    assert module.parse_args(["--preset", "cpu", "--epochs", "5"]).epochs == 5
+    plain = options()
+    assert (plain["batchsize"], plain["epochs"], plain["preset"]) == (4096, 20, None)
+    cpu = options("--preset", "cpu")
+    assert (cpu["batchsize"], cpu["epochs"], cpu["out"]) == (1024, 3, "result/compare_cpu")
+    assert cpu["sgd_lrs"] == [0.5, 1.0, 2.0] and cpu["tune_epochs"] == pytest.approx(1 / 3)
+    assert options("--preset", "cpu", "--epochs", "5")["epochs"] == 5
