@@ -26,13 +26,12 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        # Everything the test suite needs, MPI included (mpich from PyPI: no system MPI).
         # an MPI library from PyPI (mpiexec included) for laptops and CI; on a cluster,
-        # leave it out and let mpi4py use the system's MPI
+        # leave it out and let mpi4py use the system's MPI (Open MPI or MPICH)
         "mpich": ["mpich"],
+        # what the test suite needs besides an MPI (give it the mpich extra, or a system MPI)
         "test": [
             "pytest>=7",
-            "mpich",
             "psutil",
             "scikit-image",
         ],

@@ -34,7 +34,12 @@ share_cores_between_ranks()  # before NumPy starts its BLAS threads
 import numpy  # noqa: E402
 
 from kfac_mn import backend  # noqa: E402
-from kfac_mn.communicators import NcclUnavailable, create_communicator  # noqa: E402
+from kfac_mn.communicators import (  # noqa: E402
+    LaunchMismatch,
+    NcclUnavailable,
+    create_communicator,
+    init_mpi,
+)
 from kfac_mn.communicators.watchdog import Watchdog, WatchedCommunicator  # noqa: E402
 from models import archs  # noqa: E402
 from utils.training import snapshot_reader  # noqa: E402
@@ -151,10 +156,13 @@ def watched(options, comm):
 
 
 def main(argv=None):
-    # imported here, not at the top: loader workers started by forkserver import this module
-    # and must not initialise MPI
-    from mpi4py import MPI
-
+    # MPI starts here, not at import: loader workers started by forkserver import this
+    # module and must not initialise MPI; init_mpi first checks that the launcher belongs to
+    # mpi4py's MPI library
+    try:
+        MPI = init_mpi()
+    except LaunchMismatch as error:  # before MPI_Init: no rank knows its number
+        fail_usage(str(error), 0)
     world_rank = MPI.COMM_WORLD.Get_rank()
     try:
         options = parse_options(argv)
@@ -162,6 +170,8 @@ def main(argv=None):
                                    alpha=options.comm_alpha, bandwidth=options.comm_bandwidth)
     except OptionError as error:
         fail_usage(str(error), world_rank)
+    except LaunchMismatch as error:  # every rank alone: nobody to agree with
+        fail_usage(str(error), 0)
     except NcclUnavailable as error:  # CuPy, NCCL or a GPU is missing
         fail_usage(f"--communicator nccl needs {error.reason}; leave out --communicator "
                    "nccl (and --gpu) to run on the CPU over MPI", world_rank)

@@ -12,35 +12,44 @@ import time
 import pytest
 
 from kfac_mn.communicators import create_communicator, traffic
+from kfac_mn.communicators import mpiexec as launcher
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 MPI_SCRIPTS = REPO_ROOT / "tests" / "mpi"
 
 
 def find_mpiexec():
-    """The mpiexec installed next to this Python (pip's mpich), else the one on PATH."""
-    beside_python = pathlib.Path(sys.executable).parent / "mpiexec"
-    if beside_python.is_file() and os.access(beside_python, os.X_OK):
-        return str(beside_python)
-    return shutil.which("mpiexec")
+    """The launcher of mpi4py's MPI library (kfac_mn.communicators.mpiexec), or None."""
+    return None if importlib.util.find_spec("mpi4py") is None else launcher.find_mpiexec()
+
+
+def mpi_library():
+    """'mpich', 'openmpi' or 'other': the MPI library under these tests."""
+    return launcher.mpi4py_library()
+
+
+def mpi_command(ranks, argv, extra_env=None):
+    """``(command, env)`` that starts ``argv`` on ``ranks`` processes with the launcher of
+    mpi4py's library and the settings it needs; skips the test without one."""
+    if importlib.util.find_spec("mpi4py") is None:
+        pytest.skip("mpi4py is not installed")
+    try:
+        command, env = launcher.mpiexec_command(ranks, argv)
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
+    env.update(extra_env or {})
+    return command, env
 
 
 def run_mpi(script, ranks, *args, extra_env=None, timeout=60):
     """Run tests/mpi/<script> on ``ranks`` processes; (exit status, output, seconds).
 
-    Hydra's fork launcher avoids ssh; one BLAS thread per rank keeps an oversubscribed
-    machine responsive.  On timeout the whole process group (mpiexec and every rank) is killed.
+    The launcher's settings (kfac_mn.communicators.mpiexec.mpiexec_command) avoid ssh and give
+    one BLAS thread per rank, which keeps an oversubscribed machine responsive.  On timeout
+    the whole process group (mpiexec and every rank) is killed.
     """
-    mpiexec = find_mpiexec()
-    if mpiexec is None:
-        pytest.skip(f"no mpiexec next to {sys.executable} or on PATH "
-                    "(pip install mpich, or the 'test' extra)")
-    if importlib.util.find_spec("mpi4py") is None:
-        pytest.skip("mpi4py is not installed")
-    env = dict(os.environ, HYDRA_LAUNCHER="fork", OPENBLAS_NUM_THREADS="1",
-               OMP_NUM_THREADS="1", **(extra_env or {}))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    command = [mpiexec, "-n", str(ranks), sys.executable, str(MPI_SCRIPTS / script), *args]
+    command, env = mpi_command(ranks, [sys.executable, str(MPI_SCRIPTS / script), *args],
+                               extra_env)
     start = time.monotonic()
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -88,6 +97,9 @@ def test_32_ranks_with_resnet50_owner_segments():
     ("odd-even", 4, {"MPIR_CVAR_ODD_EVEN_CLIQUES": "1"}),
 ])
 def test_node_layout(layout, ranks, extra_env):
+    if extra_env and mpi_library() != "mpich":
+        pytest.skip("faking nodes needs MPICH's MPIR_CVAR_ODD_EVEN_CLIQUES; Open MPI has no "
+                    "equivalent that runs on one machine")
     output = assert_job_passed("check_topology.py", ranks, layout, extra_env=extra_env)
     assert f"{layout} layout correct on {ranks} ranks" in output
 
@@ -165,3 +177,72 @@ def test_ring_formulas_for_uneven_segments_and_chain_bcast():
         (100, 100), (0, 100), (100, 0), (100, 100)]
     assert traffic.ring_allreduce_bytes(1000, 4, 1, 0) == (0, 0)
     assert traffic.chain_bcast_bytes(1000, 1, 0, 0) == (0, 0)
+
+
+def test_a_launcher_of_another_mpi_is_named_before_any_work():
+    version = "Open MPI v4.1.4, package: Debian OpenMPI"
+    with pytest.raises(launcher.LaunchMismatch, match=r"started by MPICH's mpiexec \(Hydra\) "
+                                                       r"\(MPI_LOCALNRANKS is set\), but "
+                                                       r"mpi4py's MPI library is Open MPI"):
+        launcher.check_launcher(version, {"MPI_LOCALNRANKS": "2", "PMI_SIZE": "2"})
+    with pytest.raises(launcher.LaunchMismatch, match="started by Open MPI's mpiexec"):
+        launcher.check_launcher("MPICH Version: 5.0.2", {"OMPI_COMM_WORLD_SIZE": "2"})
+    launcher.check_launcher(version, {"OMPI_COMM_WORLD_SIZE": "2"})  # matching
+    launcher.check_launcher(version, {"PMI_SIZE": "2"})  # srun --mpi=pmi2 may start Open MPI
+    with pytest.raises(launcher.LaunchMismatch) as error:
+        launcher.check_launch(1, version, {"PMI_SIZE": "2", "PMI_RANK": "0"})
+    message = str(error.value)
+    assert message.startswith("this process was started by a PMI launcher such as MPICH's "
+                              "mpiexec (Hydra) as one of 2 ranks (PMI_SIZE), but mpi4py's MPI "
+                              "library (Open MPI) sees a world of 1"), message
+    assert "Start the job with Open MPI's own mpiexec" in message
+    with pytest.raises(launcher.LaunchMismatch, match=r"Open MPI's mpiexec as one of 4 ranks "
+                                                       r"\(OMPI_COMM_WORLD_SIZE\), but mpi4py's "
+                                                       r"MPI library \(MPICH\)"):
+        launcher.check_launch(1, "MPICH Version: 4.2", {"OMPI_COMM_WORLD_SIZE": "4"})
+    launcher.check_launch(2, version, {"PMI_SIZE": "2"})  # matching: nothing to say
+    launcher.check_launch(1, version, {})                 # no launcher: a singleton
+    assert launcher.launched_rank({"OMPI_COMM_WORLD_RANK": "3"}) == 3
+
+
+def other_launcher():
+    """A launcher of the other MPI library than mpi4py's, or None."""
+    mine = mpi_library()
+    candidates = [str(REPO_ROOT / ".venv" / "bin" / "mpiexec"), *(
+        shutil.which(name) or "" for name in ("mpiexec.openmpi", "mpiexec.mpich", "mpiexec"))]
+    return next((path for path in candidates if path and os.path.isfile(path)
+                 and launcher.launcher_implementation(path) not in (None, mine)), None)
+
+
+@pytest.mark.mpi
+def test_the_launcher_of_another_mpi_is_caught_under_a_real_launch(tmp_path):
+    other = other_launcher()
+    if other is None:
+        pytest.skip(f"no launcher of another MPI than mpi4py's ({mpi_library()}) here")
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), HYDRA_LAUNCHER="fork",
+               OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    done = subprocess.run([other, "-n", "2", sys.executable, str(REPO_ROOT / "train_imagenet.py"),
+                           "--out", str(tmp_path / "out")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output
+    # caught before MPI_Init (the launcher's own variable), or after it (a world of 1)
+    assert re.search(r"train_imagenet.py: error: this process was started by (Open MPI's|"
+                     r"MPICH's|a PMI) .*, but mpi4py's MPI library .* the launcher belongs to "
+                     r"another MPI\. Start the job with (MPICH|Open MPI)'s own mpiexec", output), \
+        output
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_launcher_matches_mpi4py_and_says_what_it_needs():
+    if find_mpiexec() is None:
+        pytest.skip("no launcher of mpi4py's MPI library")
+    assert launcher.launcher_implementation(find_mpiexec()) == mpi_library()
+    command, env = launcher.mpiexec_command(64, ["python", "x.py"])
+    assert command[1:3] == ["-n", "64"] and command[-2:] == ["python", "x.py"]
+    assert env["OPENBLAS_NUM_THREADS"] == "1" and str(REPO_ROOT) in env["PYTHONPATH"]
+    if mpi_library() == "openmpi":
+        assert "--oversubscribe" in command and env["OMPI_MCA_odls_base_sigkill_timeout"]
+        assert ("OMPI_ALLOW_RUN_AS_ROOT" in env) == (os.geteuid() == 0)
+    else:
+        assert env["HYDRA_LAUNCHER"] == "fork" and "--oversubscribe" not in command

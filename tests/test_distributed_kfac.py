@@ -70,7 +70,7 @@ def test_an_owner_that_cannot_invert_raises_after_stage_4_so_no_rank_waits():
 
 def run_script(args, timeout=120):
     if find_mpiexec() is None:
-        pytest.skip("no mpiexec (pip install mpich)")
+        pytest.skip("no mpiexec for mpi4py's MPI library")
     return subprocess.run([sys.executable, *args], cwd=REPO_ROOT, capture_output=True,
                           text=True, timeout=timeout)
 

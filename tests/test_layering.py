@@ -91,3 +91,16 @@ def test_one_synchronisation_and_one_kernel_applicability_test():
     assert syncing == ["kfac_mn/backend.py"]
     deciding = sorted(name for name, text in library.items() if "KERNEL_DTYPES" in text)
     assert deciding == ["kfac_mn/cuda_kernels.py"]
+
+
+def test_the_open_mpi_run_covers_every_test_file_that_starts_mpiexec():
+    starts = re.compile(r"run_mpi\(|mpi_command\(|run_training\(|run_test_arch\(|"
+                        r"run_under_mpiexec|find_mpiexec\(")
+    launching = sorted(f"tests/{path.name}" for path in python_files("tests")
+                       if path.parent.name == "tests" and path.name != "test_layering.py"
+                       and starts.search(path.read_text()))
+    script = (REPO / "scripts" / "test_openmpi.sh").read_text()
+    listed = sorted(script.split('FILES="', 1)[1].split('"', 1)[0].split())
+    assert listed == launching
+    assert (REPO / ".ci" / "run").read_text().rstrip().endswith(
+        "python -m pytest -q && bash scripts/test_openmpi.sh")

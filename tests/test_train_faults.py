@@ -22,6 +22,7 @@ import time
 import numpy as np
 import pytest
 
+from tests.test_communicators import mpi_command
 from tests.test_train_runs import (
     REPO,
     file_digests,
@@ -29,6 +30,7 @@ from tests.test_train_runs import (
     kill_tree,
     latest,
     losses,
+    rank_process,
     run_training,
     start,
     tiny,
@@ -96,19 +98,6 @@ def test_a_changed_option_on_resume_is_refused_and_changes_nothing(tmp_path):
 
 
 # -- hung and killed ranks ----------------------------------------------------------------
-def rank_process(process, rank):
-    """The psutil process of ``rank`` among the descendants of ``process`` (mpiexec)."""
-    import psutil
-
-    for child in psutil.Process(process.pid).children(recursive=True):
-        try:
-            if child.environ().get("PMI_RANK") == str(rank) and "python" in child.name():
-                return child
-        except psutil.Error:
-            continue
-    raise AssertionError(f"no process of rank {rank} under mpiexec")
-
-
 @pytest.mark.parametrize("signum, limit", [(signal.SIGSTOP, 30), (signal.SIGKILL, 10)])
 def test_a_stopped_or_killed_rank_ends_the_job_in_time(tmp_path, signum, limit):
     out = tmp_path / "run"
@@ -130,7 +119,7 @@ def test_a_stopped_or_killed_rank_ends_the_job_in_time(tmp_path, signum, limit):
                          r"\(--timeout 20\): this rank is waiting in (allreduce_obj|gather_obj|"
                          r"allgather_v|reduce_scatter_v|barrier|bcast_obj) \(call \d+\)",
                          output), output
-        assert ("ranks that did not arrive (no answer within 5 s: stopped, hung or dead): 1"
+        assert ("ranks that did not arrive (no answer within 2.5 s: stopped, hung or dead): 1"
                 in output), output
         assert (f"aborting the MPI job (exit status 4) without writing anything; restart the "
                 f"job with --resume {out}") in output, output
@@ -139,13 +128,11 @@ def test_a_stopped_or_killed_rank_ends_the_job_in_time(tmp_path, signum, limit):
 
 # -- another world size -------------------------------------------------------------------
 def run_test_arch(args, ranks):
-    env = dict(os.environ, PYTHONPATH=str(REPO), OPENBLAS_NUM_THREADS="1",
-               OMP_NUM_THREADS="1", HYDRA_LAUNCHER="fork")
-    from tests.test_communicators import find_mpiexec
-
-    done = subprocess.run([find_mpiexec(), "-n", str(ranks), sys.executable,
-                           str(REPO / "tests" / "mpi" / "train_with_test_arch.py"), *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    argv, env = mpi_command(ranks, [sys.executable,
+                                    str(REPO / "tests" / "mpi" / "train_with_test_arch.py"),
+                                    *args])
+    done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=240)
     return done.returncode, done.stdout + done.stderr
 
 
@@ -280,9 +267,9 @@ def test_a_full_disk_during_a_snapshot_keeps_the_previous_one(tmp_path):
 
     # one snapshot of resnet_mnist on 2 ranks is about 1.7 MB: room for the first only
     args = tiny(2, "--out", str(mount / "run"), "--keep-snapshots", "2")
-    script = TMPFS_SCRIPT.format(size="2600k", mount=mount,
-                                 command=" ".join(command(args, 2)))
-    env = dict(os.environ, HYDRA_LAUNCHER="fork", OPENBLAS_NUM_THREADS="1")
+    argv, env = command(args, 2)
+    script = TMPFS_SCRIPT.format(size="2600k", mount=mount, command=" ".join(argv))
+    env["OPENBLAS_NUM_THREADS"] = "1"
     done = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=240)
     output = (tmp_path / "disk.log").read_text() if (tmp_path / "disk.log").exists() else ""

@@ -8,6 +8,7 @@ importing this package neither initializes MPI nor needs it.
 from kfac_mn import backend
 from kfac_mn.communicators.abort_on_exception import install_abort_on_exception
 from kfac_mn.communicators.communicator_base import CommunicatorBase  # noqa: F401
+from kfac_mn.communicators.mpiexec import LaunchMismatch, check_launch, init_mpi  # noqa: F401
 
 COMMUNICATOR_NAMES = ("mpi", "nccl")
 
@@ -44,11 +45,14 @@ def create_communicator(name="mpi", mpi_comm=None, **collective_options):
     'native', 'two_phase' or 'allreduce'; see :mod:`kfac_mn.communicators.v_collectives`),
     ``alpha`` and ``bandwidth`` (what 'auto' assumes of the network).  With more than one
     rank, an uncaught exception on any rank then aborts the whole job (see
-    :func:`install_abort_on_exception`).
+    :func:`install_abort_on_exception`).  A process that a launcher started as one of N ranks
+    but whose MPI sees a world of 1 raises :class:`LaunchMismatch` (the launcher belongs to
+    another MPI library than mpi4py's; :mod:`kfac_mn.communicators.mpiexec`).
     """
     if name not in COMMUNICATOR_NAMES:
         raise ValueError(f"create_communicator: unknown communicator {name!r}; valid names: "
                          f"{', '.join(COMMUNICATOR_NAMES)}")
+    init_mpi()
     if name == "nccl":
         require_nccl()
         from kfac_mn.communicators.nccl_communicator import NcclCommunicator
@@ -58,6 +62,10 @@ def create_communicator(name="mpi", mpi_comm=None, **collective_options):
         from kfac_mn.communicators.mpi_communicator import MpiCommunicator
 
         communicator = MpiCommunicator(mpi_comm, **collective_options)
+    if mpi_comm is None:  # the whole job: did its launcher start what MPI sees?
+        from mpi4py import MPI
+
+        check_launch(communicator.size, MPI.Get_library_version())
     if communicator.size > 1:
         install_abort_on_exception()
     return communicator

@@ -47,7 +47,7 @@ class Watchdog:
 
     ``mpi_comm``: the MPI communicator of the ranks (duplicated here, so this is collective);
     ``timeout``: seconds one collective may wait; ``grace``: seconds the roll call waits
-    for answers (default ``min(5, timeout / 4)``); ``hint``: a sentence added to the
+    for answers (default ``min(2.5, timeout / 4)``); ``hint``: a sentence added to the
     message (what to do next); ``stream``: where the message goes.
     """
 
@@ -55,7 +55,8 @@ class Watchdog:
         if not timeout > 0:
             raise ValueError(f"Watchdog: timeout must be positive, got {timeout!r}")
         self.timeout = float(timeout)
-        self.grace = min(5.0, self.timeout / 4) if grace is None else float(grace)
+        # every live rank's thread looks at least once a second: 2.5 s is enough to answer
+        self.grace = min(2.5, self.timeout / 4) if grace is None else float(grace)
         self.exit_code = exit_code
         self.hint = hint
         self.stream = stream

@@ -341,15 +341,33 @@ class Trainer:
         sys.exit(status)
 
     def stopped(self, iteration, signum):
-        """SIGTERM/SIGINT: checkpoint at ``iteration`` (unless just written), then exit."""
+        """SIGTERM/SIGINT on any rank: checkpoint at ``iteration`` (unless just written), then
+        every rank exits with 128 + the signal's number.
+
+        The ranks first learn which signal reached which rank (a launcher forwards it to all,
+        a node's signal may reach some).  Rank 0 says what stays if the launcher's grace period
+        ends the job before the checkpoint is complete (Open MPI's mpiexec sends SIGKILL 1 s
+        after forwarding SIGTERM unless told otherwise; SLURM after its KillWait): the previous
+        snapshot."""
+        received = self.comm.gather_obj(signum)
+        if received is not None:
+            signals = sorted({s for s in received if s})
+            ranks = [rank for rank, s in enumerate(received) if s]
+            where = "" if len(ranks) == len(received) else \
+                f" (on rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))})"
+            received = (signals[0], "/".join(signal.Signals(s).name for s in signals) + where)
+        signum, name = self.comm.bcast_obj(received)
         if self.last_snapshot is None or not self.last_snapshot.endswith(
                 checkpoint.snapshot_name(iteration)):
+            kept = self.last_snapshot or "no snapshot (none written yet)"
+            self.progress.message(f"{PROG}: received {name}: writing the checkpoint at "
+                                  f"iteration {iteration}; should the launcher end the job "
+                                  f"before it is complete, {kept} stays the latest")
             self.save(iteration)
-        name = signal.Signals(signum).name if signum else "a stop signal on another rank"
         self.progress.message(f"{PROG}: received {name}: wrote the checkpoint "
                               f"{self.last_snapshot} at iteration {iteration}; continue with "
                               f"--resume {self.options.out}")
-        return 128 + (signum or signal.SIGTERM)
+        return 128 + signum
 
     def finish(self):
         """Rank 0: where the time went, the plots and the closing lines naming the outputs."""
