@@ -25,6 +25,6 @@ if ! command -v ompi_info > /dev/null; then
 fi
 python -m venv .venv-openmpi
 .venv-openmpi/bin/pip install -q -e '.[test]'
-echo "test_openmpi.sh: $(.venv-openmpi/bin/python -c 'from mpi4py import MPI; print(MPI.Get_library_version().splitlines()[0])')"
+echo "test_openmpi.sh: $(.venv-openmpi/bin/python -c 'from mpi4py import MPI; print(MPI.Get_library_version().strip(chr(0)).splitlines()[0])')"
 # shellcheck disable=SC2086
 .venv-openmpi/bin/python -m pytest -q -p no:cacheprovider $FILES
