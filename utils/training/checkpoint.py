@@ -41,6 +41,7 @@ import tempfile
 import numpy
 
 from kfac_mn.serializers import Deserializer, DictionarySerializer, save_npz
+from utils.training.agreement import agreed_messages
 
 LATEST = "latest.json"
 META = "meta.json"
@@ -174,18 +175,6 @@ def non_finite_keys(arrays):
                   if value.dtype.kind in "fc" and not numpy.isfinite(value).all())
 
 
-def _agreed(comm, mine):
-    """Every rank's ``mine`` (None or a message), combined on every rank: None when all are
-    None, else the messages tagged with their ranks."""
-    messages = comm.gather_obj(mine)
-    combined = None
-    if comm.rank == 0:
-        failed = [(rank, message) for rank, message in enumerate(messages)
-                  if message is not None]
-        combined = "; ".join(f"rank {rank}: {message}" for rank, message in failed) or None
-    return comm.bcast_obj(combined)
-
-
 # -- writing ------------------------------------------------------------------------------
 def write_snapshot(out, comm, snapshot, meta, keep=2):
     """Write the snapshot at ``meta['iteration']`` on every rank and publish it as the
@@ -198,8 +187,8 @@ def write_snapshot(out, comm, snapshot, meta, keep=2):
     snapshot.serialize(serializer)
     arrays = serializer.target
     bad = non_finite_keys(arrays)
-    problem = _agreed(comm, f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} not finite"
-                      if bad else None)
+    listed = f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''} not finite"
+    problem = agreed_messages(comm, listed if bad else None)
     if problem is not None:
         raise NonFiniteState(problem)
     name = snapshot_name(meta["iteration"])

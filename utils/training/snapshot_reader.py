@@ -22,6 +22,7 @@ import zipfile
 import numpy
 
 from kfac_mn.serializers import NpzDeserializer
+from utils.training.agreement import agreed_messages
 from utils.training.checkpoint import (
     LATEST,
     META,
@@ -110,15 +111,6 @@ def _candidates(path):
     return False, ordered
 
 
-def _agreed(comm, mine):
-    """None when no rank has a message, else the distinct messages of all ranks."""
-    messages = comm.gather_obj(mine)
-    combined = None
-    if comm.rank == 0:
-        combined = "; ".join(sorted({m for m in messages if m is not None})) or None
-    return comm.bcast_obj(combined)
-
-
 def _intact(directory, comm):
     """``(meta, None)`` if every rank finds its share of ``directory`` intact, else
     ``(None, what is wrong)``, the same on every rank."""
@@ -128,7 +120,7 @@ def _intact(directory, comm):
         verify_files(directory, meta, range(comm.rank, meta["size"], comm.size))
     except DamagedSnapshot as caught:
         error = str(caught)
-    error = _agreed(comm, error)
+    error = agreed_messages(comm, error, by_rank=False)
     return (None, error) if error is not None else (meta, None)
 
 

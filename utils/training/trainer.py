@@ -26,6 +26,7 @@ import numpy
 from kfac_mn.fisher.inverse import InversionError
 from kfac_mn.links import BatchNormalization
 from utils.training import checkpoint, snapshot_reader, time_report
+from utils.training.agreement import agreed_messages
 from utils.training.data_checks import DataError
 from utils.training.log import IntervalMeter, LogWriter, interval_summary, read_log
 from utils.training.options import global_batch, options_dict
@@ -232,7 +233,7 @@ class Trainer:
                 totals = comm.allreduce_obj(local)
                 iteration += 1
                 if totals[4] > 0:
-                    self.diverged(iteration, self.agreed_failure(failure))
+                    self.diverged(iteration, agreed_messages(comm, failure, by_rank=comm.size > 1))
                 if not math.isfinite(totals[0]):
                     self.diverged(iteration, f"the training loss is "
                                              f"{totals[0] / max(totals[2], 1.0)}")
@@ -249,14 +250,6 @@ class Trainer:
                 if totals[3] > 0:
                     return self.stopped(iteration, stop.signum)
         return 0
-
-    def agreed_failure(self, mine):
-        """The failure messages of every rank that had one (collective)."""
-        messages = self.comm.gather_obj(mine)
-        if messages is not None:
-            messages = "; ".join(f"rank {rank}: {message}" if len(messages) > 1 else message
-                                 for rank, message in enumerate(messages) if message)
-        return self.comm.bcast_obj(messages)
 
     def end_interval(self, iteration, lr, epoch_end, total):
         """Log the interval that ends at ``iteration``; at an epoch end also checkpoint
