@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 
+from kfac_mn.communicators.abort_on_exception import abort_mpi_job
 from kfac_mn.communicators.communicator_base import CommunicatorBase
 
 QUERY, REPLY = 1, 2
@@ -155,8 +156,7 @@ class Watchdog:
                 time.sleep(0.05)
         self._report(mine, answers)
         del requests  # not waited for: a silent rank never receives them
-        time.sleep(1.0)  # the launcher forwards our output; MPI_Abort may end it before that
-        MPI.COMM_WORLD.Abort(self.exit_code)
+        abort_mpi_job(self.exit_code)
 
     def _report(self, mine, answers):
         silent = [rank for rank in range(self.size)
