@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # every test file that starts mpiexec (tests/test_layering.py checks that none is missing)
 FILES="tests/test_communicators.py tests/test_distributed_kfac.py tests/test_scale_model.py
-       tests/test_train_runs.py tests/test_train_faults.py"
+       tests/test_train_runs.py tests/test_train_faults.py tests/test_readme_commands.py"
 if ! command -v ompi_info > /dev/null; then
     if [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
         install="apt-get install -y -q --no-install-recommends openmpi-bin libopenmpi-dev"
