@@ -34,6 +34,7 @@ a block writes its own fields: the optimizer hands it the global sums of a distr
 import math
 
 from kfac_mn import backend
+from kfac_mn.fisher.batched_inverse import InverseRequest
 from kfac_mn.fisher.factor_products import gram
 from kfac_mn.fisher.inverse import damped_inverse
 from kfac_mn.fisher.registry import BlockOptions, register_block
@@ -83,7 +84,8 @@ class FisherBlock:
     :mod:`kfac_mn.fisher.registry`), names its statistics in ``statistic_names``, says which
     are symmetric matrices (``symmetric``: communicated as upper triangles), and defines
     :meth:`statistic_shapes`, :meth:`inversion_cost`, ``param_list``, ``accumulate_forward``,
-    ``accumulate_backward``, ``compute_inverses`` and ``precondition``.
+    ``accumulate_backward``, :meth:`inversion_requests` (or its own ``compute_inverses``)
+    and ``precondition``.
     """
 
     link_type = None
@@ -111,6 +113,25 @@ class FisherBlock:
         """Operations to invert this block's statistics (the owners' assignment balances
         them; the cost model divides them by the machine's inversion rate)."""
         raise NotImplementedError(f"{type(self).__name__} must define inversion_cost")
+
+    def inversion_requests(self, damping):
+        """The symmetric matrices this block inverts, as
+        :class:`~kfac_mn.fisher.batched_inverse.InverseRequest` (name, matrix, damping,
+        label); empty for a block that inverts in its own way (:meth:`compute_inverses`).
+        The optimizer may invert the requests of many blocks together
+        (:func:`~kfac_mn.fisher.batched_inverse.batched_damped_inverses`)."""
+        return []
+
+    def compute_inverses(self, damping, dtype, counter=None):
+        """``inverses[name]`` for each of :meth:`inversion_requests`, one at a time."""
+        for request in self.inversion_requests(damping):
+            self.take_inverse(request.name, damped_inverse(
+                request.matrix, request.damping, dtype, request.label, counter))
+
+    def take_inverse(self, name, inverse):
+        """The damped inverse of ``name`` (one of :meth:`inversion_requests`), computed here
+        or by the optimizer together with other blocks'."""
+        self.inverses[name] = inverse
 
     def _examples(self, n):
         """How many of a batch's ``n`` examples feed the statistics (all by default)."""
@@ -220,12 +241,12 @@ class KroneckerBlock(FisherBlock):
     def G(self):
         return self.factors.get("G")
 
-    def compute_inverses(self, damping, dtype, counter=None):
+    def inversion_requests(self, damping):
         A, G = self.factors["A"], self.factors["G"]
         pi = pi_correction(A, G)
         root = math.sqrt(damping)
-        self.inverses["A"] = damped_inverse(A, pi * root, dtype, f"{self.path}/A", counter)
-        self.inverses["G"] = damped_inverse(G, root / pi, dtype, f"{self.path}/G", counter)
+        return [InverseRequest("A", A, pi * root, f"{self.path}/A"),
+                InverseRequest("G", G, root / pi, f"{self.path}/G")]
 
     def gradient_matrix(self):
         """[dW | db] as an (out x in[+1]) matrix, W flattened to out x in."""
@@ -392,7 +413,12 @@ class BatchNormBlock(FisherBlock):
                                                  f"{self.path}/F[{ch}]", counter)
             self.inverses["F"] = inverse
         else:
-            self.inverses["F"] = damped_inverse(F, damping, dtype, f"{self.path}/F", counter)
+            super().compute_inverses(damping, dtype, counter)
+
+    def inversion_requests(self, damping):
+        if self.kind != "full":  # 'diag' and 'unit' are inverted elementwise
+            return []
+        return [InverseRequest("F", self.factors["F"], damping, f"{self.path}/F")]
 
     def precondition(self):
         """Replace [dgamma; dbeta] by F_d^{-1} [dgamma; dbeta]."""

@@ -27,6 +27,7 @@ import numpy
 
 from kfac_mn import backend
 from kfac_mn import functions as F
+from kfac_mn.fisher.batched_inverse import batched_damped_inverses
 from kfac_mn.fisher.factor_products import check_factor_dtype
 from kfac_mn.fisher.hook import KFACHook
 from kfac_mn.fisher.inverse import FallbackCounter
@@ -52,7 +53,10 @@ class KFAC(MomentumSGD):
     'float16' (the paper's half-precision factor products with float32 accumulation, see
     :mod:`kfac_mn.fisher.factor_products`).  ``stats_batchsize``: None (statistics from the
     whole local batch) or k (only its first k examples, a cheaper estimate for large batches;
-    per-example gradients still scale by the whole batch).
+    per-example gradients still scale by the whole batch).  ``batched_inversion``: invert
+    the factors of equal size due at one step as one batch (fewer kernel launches and
+    synchronisations on the GPU, :mod:`kfac_mn.fisher.batched_inverse`); the same inverses
+    and fallbacks as one at a time.
     """
 
     damping = HyperparameterProxy("damping")
@@ -60,7 +64,7 @@ class KFAC(MomentumSGD):
 
     def __init__(self, lr=0.01, momentum=0.9, damping=1e-3, cov_ema_decay=1.0,
                  fisher_type="emp", bn_fisher="diag", inv_dtype=numpy.float32, schedule=None,
-                 seed=0, factor_dtype=None, stats_batchsize=None):
+                 seed=0, factor_dtype=None, stats_batchsize=None, batched_inversion=False):
         super().__init__(lr=lr, momentum=momentum)
         if stats_batchsize is not None and (isinstance(stats_batchsize, bool) or
                                             not isinstance(stats_batchsize, numbers.Integral)
@@ -85,6 +89,7 @@ class KFAC(MomentumSGD):
         self.inv_dtype = inv_dtype
         self.factor_dtype = check_factor_dtype(factor_dtype, "KFAC")
         self.stats_batchsize = stats_batchsize
+        self.batched_inversion = bool(batched_inversion)
         self.schedule = schedule if schedule is not None else StatisticsSchedule()
         self.seed = seed
         self.rng = numpy.random.default_rng(seed)
@@ -160,6 +165,7 @@ class KFAC(MomentumSGD):
 
     def update_and_invert(self, paths):
         """Stage 3a: new statistics -> running factors -> (when due) damped inverses."""
+        due = []
         for path in paths:
             block = self.fisher_blocks[path]
             # decide both before report_change moves the layer's next refresh
@@ -171,9 +177,29 @@ class KFAC(MomentumSGD):
                                                   self.hyperparam.cov_ema_decay)
                 self.schedule.report_change(path, self.t, change)
             if invert and block.factors:
-                with self.timer("inversion"):
-                    block.compute_inverses(self.hyperparam.damping, self.inv_dtype,
+                due.append(block)
+        if due:
+            with self.timer("inversion"):
+                self.compute_inverses(due)
+
+    def compute_inverses(self, blocks):
+        """The damped inverses of ``blocks``: block by block, or with ``batched_inversion``
+        every block's matrices together, one batch per size."""
+        damping, dtype = self.hyperparam.damping, self.inv_dtype
+        if not self.batched_inversion:
+            for block in blocks:
+                block.compute_inverses(damping, dtype, self.fallbacks)
+            return
+        requests = []
+        for block in blocks:
+            own = block.inversion_requests(damping)
+            if not own:  # a block that inverts in its own way (BN 'diag', 'unit')
+                block.compute_inverses(damping, dtype, self.fallbacks)
+            requests += [(block, request) for request in own]
+        inverses = batched_damped_inverses([request for _, request in requests], dtype,
                                            self.fallbacks)
+        for (block, request), inverse in zip(requests, inverses):
+            block.take_inverse(request.name, inverse)
 
     def precondition(self, paths):
         """Stage 3b: replace each owned layer's gradient by its preconditioned gradient."""
