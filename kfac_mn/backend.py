@@ -39,6 +39,68 @@ def load_nccl():
     return nccl if getattr(nccl, "available", False) else None
 
 
+class CudnnUnavailable(RuntimeError):
+    """``conv_backend('cudnn')`` was asked for where cuDNN Frontend or cuDNN is missing."""
+
+
+#: how the GPU computes convolutions and batch normalization: 'im2col' (im2col + cuBLAS GEMM
+#: and this package's CUDA kernels, the default) or 'cudnn' (cuDNN Frontend graphs,
+#: :mod:`kfac_mn.cudnn_graphs`).  NumPy arrays always take the im2col code.
+CONV_BACKENDS = ("im2col", "cudnn")
+_conv_backend = "im2col"
+_cudnn_frontend = None
+
+
+def load_cudnn_frontend():
+    """cuDNN Frontend's Python module (``cudnn``) with the cuDNN library loaded, or
+    :class:`CudnnUnavailable` saying what to install."""
+    global _cudnn_frontend
+    if _cudnn_frontend is not None:
+        return _cudnn_frontend
+    if not cupy_available:
+        raise CudnnUnavailable("CuPy, and CuPy is not installed (pip install 'kfac_mn[gpu]')")
+    try:
+        frontend = importlib.import_module("cudnn")
+    except ImportError as error:
+        raise CudnnUnavailable(
+            f"cuDNN Frontend, which does not import ({error}): pip install "
+            "nvidia-cudnn-frontend (or 'kfac_mn[gpu]')") from None
+    if not hasattr(frontend, "pygraph"):
+        raise CudnnUnavailable(
+            f"cuDNN Frontend's graph API, but the module 'cudnn' at "
+            f"{getattr(frontend, '__file__', '?')} has no pygraph: pip install "
+            "nvidia-cudnn-frontend")
+    try:
+        frontend.backend_version()
+    except Exception as error:  # the library itself is missing or does not load
+        raise CudnnUnavailable(
+            f"the cuDNN library, which cuDNN Frontend cannot load ({error}): pip install "
+            "nvidia-cudnn-cu12 (CUDA 12) or nvidia-cudnn-cu13 (CUDA 13); PyTorch's CUDA "
+            "wheels bring one too") from None
+    _cudnn_frontend = frontend
+    return frontend
+
+
+def set_conv_backend(name):
+    """Choose :data:`CONV_BACKENDS` ``name`` for every later convolution and batch
+    normalization on CuPy arrays; 'cudnn' checks first that cuDNN Frontend loads."""
+    global _conv_backend
+    if name not in CONV_BACKENDS:
+        raise ValueError(f"conv backend must be one of {', '.join(CONV_BACKENDS)}, not {name!r}")
+    if name == "cudnn":
+        load_cudnn_frontend()
+    _conv_backend = name
+
+
+def conv_backend():
+    return _conv_backend
+
+
+def uses_cudnn(xp):
+    """Do convolutions and batch normalization of ``xp`` arrays run on cuDNN graphs?"""
+    return xp is not numpy and _conv_backend == "cudnn"
+
+
 def _raw(x):
     # Variables carry their array in ``.data``; avoid importing Variable here.
     return getattr(x, "data", x) if hasattr(x, "creator") else x

@@ -14,9 +14,12 @@ Evaluation uses given statistics (``fixed_batch_normalization``): ``y = x * scal
 with ``scale = gamma * inv_std`` and ``shift = beta - mean * scale``.
 
 On the GPU the elementwise passes (``x_hat`` and ``y``; ``gx``) are one fused CUDA kernel
-each (:mod:`kfac_mn.cuda_kernels`); the statistics are CuPy reductions.
+each (:mod:`kfac_mn.cuda_kernels`); the statistics are CuPy reductions.  With
+``backend.set_conv_backend('cudnn')`` cuDNN computes all of it from graphs
+(:mod:`kfac_mn.cudnn_graphs`), and ``x_hat`` is formed only when K-FAC's batch-norm block
+asks for it (on the steps that refresh its statistics).
 """
-from kfac_mn import backend, cuda_kernels
+from kfac_mn import backend, cuda_kernels, cudnn_graphs
 from kfac_mn.function_node import FunctionNode
 from kfac_mn.functions.array_checks import check_ndim, check_same_dtype, check_vector
 from kfac_mn.functions.batch_chunks import batch_chunks
@@ -81,9 +84,10 @@ def _check_inputs(function, x, gamma, beta, *stats):
 class BatchNormalization(FunctionNode):
     """Training-mode batch normalization, inputs ``(x, gamma, beta)``.
 
-    After ``forward`` it keeps ``x_hat`` (the normalized input, shape of x) and
+    After ``forward`` it holds ``x_hat`` (the normalized input, shape of x) and
     ``inv_std`` (C,): K-FAC forms per-example gradients of gamma and beta from them
     (``g_gamma[n] = sum_s gy[n, :, s] * x_hat[n, :, s]``, ``g_beta[n] = sum_s gy[n, :, s]``).
+    On cuDNN it keeps ``x`` and the batch mean instead, and ``x_hat`` is computed when read.
     """
 
     def __init__(self, eps=2e-5, running_mean=None, running_var=None, decay=0.9):
@@ -95,8 +99,17 @@ class BatchNormalization(FunctionNode):
         self.running_mean = running_mean
         self.running_var = running_var
         self.decay = decay
-        self.x_hat = None
+        self._x_hat = None
+        self._x = self._mean = None  # the cuDNN path's
         self.inv_std = None
+
+    @property
+    def x_hat(self):
+        if self._x_hat is None and self._x is not None:
+            x3 = _as_ncs(self._x)
+            self._x_hat = ((x3 - self._mean[:, None].astype(x3.dtype))
+                           * self.inv_std[:, None].astype(x3.dtype)).reshape(self._x.shape)
+        return self._x_hat
 
     def forward(self, inputs):
         x, gamma, beta = inputs
@@ -104,6 +117,13 @@ class BatchNormalization(FunctionNode):
                       ("running_mean", self.running_mean), ("running_var", self.running_var))
         xp = backend.get_array_module(x)
         self.retain_inputs((1,))
+        if backend.uses_cudnn(xp):
+            done = cudnn_graphs.batch_norm_forward(x, gamma, beta, self.eps, self.running_mean,
+                                                   self.running_var, self.decay)
+            if done is not None:
+                y, self._mean, self.inv_std = done
+                self._x = x
+                return (y,)
         x3 = _as_ncs(x)
         chunks = batch_chunks(xp, x3.shape[0], x3[0].size)
         mean, var = _batch_statistics(x3, chunks)
@@ -120,7 +140,7 @@ class BatchNormalization(FunctionNode):
                 x_hat_c *= scale
                 xp.multiply(x_hat_c, gain, out=y_c)
                 y_c += shift
-        self.x_hat = x_hat.reshape(x.shape)
+        self._x_hat = x_hat.reshape(x.shape)
         self.inv_std = inv_std
         self._update_running_stats(mean, var, x3.shape[0] * x3.shape[2])
         return (y.reshape(x.shape),)
@@ -136,8 +156,16 @@ class BatchNormalization(FunctionNode):
 
     def backward(self, indexes, grad_outputs):
         gamma, = self.get_retained_inputs()
+        xp = backend.get_array_module(grad_outputs[0])
+        if self._x is not None:  # forward ran on cuDNN
+            done = cudnn_graphs.batch_norm_backward(grad_outputs[0], self._x, gamma,
+                                                    self._mean, self.inv_std)
+            if done is not None:
+                gx, g_gamma, g_beta = done
+                grads = {0: gx, 1: g_gamma.astype(gamma.dtype, copy=False),
+                         2: g_beta.astype(gamma.dtype, copy=False)}
+                return tuple(grads[i] for i in indexes)
         gy = _as_ncs(grad_outputs[0])
-        xp = backend.get_array_module(gy)
         x_hat = self.x_hat.reshape(gy.shape)
         m = gy.shape[0] * gy.shape[2]
         chunks = batch_chunks(xp, gy.shape[0], gy[0].size)
@@ -183,6 +211,10 @@ class FixedBatchNormalization(FunctionNode):
         xp = backend.get_array_module(x)
         self.retain_inputs((0, 1, 3, 4))
         inv_std = 1.0 / xp.sqrt(var + self.eps)
+        if backend.uses_cudnn(xp):
+            y = cudnn_graphs.batch_norm_inference(x, gamma, beta, mean, inv_std)
+            if y is not None:
+                return (y,)
         scale = gamma * inv_std
         x3 = _as_ncs(x)
         y = x3 * scale[:, None]

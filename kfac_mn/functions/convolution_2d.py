@@ -11,9 +11,12 @@ With ``col = im2col(x)`` viewed as ``(N, K, S)`` (``K = C * kh * kw`` patch valu
 The patches are ``kh * kw`` times the size of ``x``.  On the CPU they are built a few
 examples at a time into one reused buffer, so that the GEMM reads them from the
 cache, and they are rebuilt in backward rather than kept: no patch array of the
-whole batch is ever stored.  On the GPU the whole batch is one block.
+whole batch is ever stored.  On the GPU the whole batch is one block, or, with
+``backend.set_conv_backend('cudnn')``, cuDNN computes ``y``, ``gx`` and ``gW`` from graphs
+(:mod:`kfac_mn.cudnn_graphs`) and no patches are built; K-FAC builds its own for A
+(:func:`~kfac_mn.functions.im2col`) on the steps that refresh it.
 """
-from kfac_mn import backend
+from kfac_mn import backend, cudnn_graphs
 from kfac_mn.function_node import FunctionNode
 from kfac_mn.functions.array_checks import check_ndim, check_same_dtype, check_vector
 from kfac_mn.functions.batch_chunks import batch_chunks
@@ -50,6 +53,13 @@ class Convolution2DFunction(FunctionNode):
         check_vector("convolution_2d", "b", b, c_out)
         self.ksize = tuple(W.shape[2:])
         xp = backend.get_array_module(x, W)
+        self.retain_inputs((0, 1))
+        if backend.uses_cudnn(xp):
+            y = cudnn_graphs.conv2d_forward(x, W, self.stride, self.pad)
+            if y is not None:
+                if b is not None:
+                    y += b[:, None, None]
+                return (y,)
         n = x.shape[0]
         out_hw = output_hw(x.shape[2:], self.ksize, self.stride, self.pad)
         w2 = W.reshape(c_out, -1)
@@ -58,7 +68,6 @@ class Convolution2DFunction(FunctionNode):
             xp.matmul(w2, col, out=y[chunk])
         if b is not None:
             y += b[:, None]
-        self.retain_inputs((0, 1))
         return (y.reshape((n, c_out) + out_hw),)
 
     def _is_pointwise(self):
@@ -85,16 +94,25 @@ class Convolution2DFunction(FunctionNode):
         x, W = self.get_retained_inputs()
         xp = backend.get_array_module(x, W)
         n, c_out = x.shape[0], W.shape[0]
+        grads = {}
+        if backend.uses_cudnn(xp):
+            gy4 = grad_outputs[0]
+            if 1 in indexes:
+                grads[1] = cudnn_graphs.conv2d_backward_filter(x, gy4, W.shape, self.stride,
+                                                               self.pad)
+            if 0 in indexes:
+                grads[0] = cudnn_graphs.conv2d_backward_data(gy4, W, x.shape, self.stride,
+                                                             self.pad)
+            grads = {i: g for i, g in grads.items() if g is not None}  # else: im2col below
         gy = xp.ascontiguousarray(grad_outputs[0]).reshape(n, c_out, -1)
         w2 = W.reshape(c_out, -1)
-        grads = {}
-        if 1 in indexes:
+        if 1 in indexes and 1 not in grads:
             gw = None
             for chunk, col in self._patch_blocks(x):
                 part = weight_grad(gy[chunk], col)
                 gw = part if gw is None else xp.add(gw, part, out=gw)
             grads[1] = gw.reshape(W.shape)
-        if 0 in indexes:
+        if 0 in indexes and 0 not in grads:
             grads[0] = self._input_grad(w2, gy, x.shape)
         if 2 in indexes:
             grads[2] = gy.sum(axis=(0, 2))
