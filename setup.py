@@ -37,7 +37,10 @@ setup(
         ],
         # Cross-checks against PyTorch on CPU (this exact version ships as a CPU build).
         "torch": ["torch==2.13.0"],
-        "gpu": ["cupy-cuda12x"],
+        # CuPy for CUDA 12 (cupy-cuda13x for CUDA 13); cuDNN Frontend's graph API for
+        # --conv-backend cudnn (CuPy 14 has no cuDNN bindings) and the cuDNN library it loads
+        # (nvidia-cudnn-cu13 for CUDA 13; PyTorch's CUDA wheels bring one too)
+        "gpu": ["cupy-cuda12x", "nvidia-cudnn-frontend>=1.10", "nvidia-cudnn-cu12>=9"],
         "dev": ["ruff"],
     },
 )

@@ -98,6 +98,11 @@ def prepare(options, comm, resume_dir, resume_meta):
     resolve_arch(options, kind)
     if options.gpu and not backend.gpu_available():
         raise OptionError("--gpu needs CuPy and a visible CUDA device")
+    try:
+        backend.set_conv_backend(options.conv_backend)
+    except backend.CudnnUnavailable as error:
+        raise OptionError(f"--conv-backend cudnn needs {error}; leave it out for the im2col "
+                          "path") from None
     train_set, val_set = build_datasets(options)
     numpy.random.seed(options.seed)  # the initializers draw from NumPy's global RNG
     model = archs[options.arch](n_class=train_set.n_class, in_channels=train_set.channels)

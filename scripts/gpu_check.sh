@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The one-shot GPU check (issue 7), under 5 minutes on one H100.  Needs CuPy (with NCCL) and
-# mpi4py; torch is optional; nothing is downloaded.  Run from anywhere:
+# The one-shot GPU check (issues 7 and 18), under 10 minutes on one H100.  Needs CuPy (with
+# NCCL) and mpi4py; cuDNN Frontend (nvidia-cudnn-frontend, with a cuDNN library: PyTorch's
+# CUDA wheels bring one) for the cuDNN rows and tests; torch is optional; nothing is
+# downloaded.  Run from anywhere:
 #
 #     bash scripts/gpu_check.sh            # PYTHON=python3.X to choose the interpreter
 #
@@ -8,9 +10,10 @@
 #    (the NCCL communicator file is left to step 2);
 # 2. the NCCL communicator tests at world size 1, under `mpiexec -n 1` (a plain process when
 #    there is no mpiexec, or when mpiexec cannot start the job);
-# 3. scripts/bench_gpu.py: ResNet-50 forward+backward at batch 32, 224x224, float32, ours and
-#    the PyTorch twin, their ratio; one K-FAC step (every-step refresh, stale) vs one SGD step;
-#    one DistributedKFAC step over NCCL.
+# 3. scripts/bench_gpu.py: ResNet-50 forward+backward at batch 32, 224x224, ours (im2col and
+#    cuDNN graphs, float32 and float16) and the PyTorch twin (strict float32 and AMP), their
+#    ratios; one K-FAC step (every-step refresh, refresh, stale; one factor at a time, and
+#    cuDNN with batched inversion) vs one SGD step; one DistributedKFAC step over NCCL.
 #
 # Writes gpu_tests.xml, gpu_nccl_tests.xml, gpu_bench.json, gpu_check.log and the summary
 # gpu_check.json into $OUT when it is set, else into docs/.  Exits non-zero when a test fails
@@ -40,7 +43,7 @@ fi
 mapfile -t MARKED < <(grep -l -e "pytest.mark.gpu" -e "def test_.*(xp" tests/test_*.py \
                       | grep -v "tests/test_gpu_nccl_communicator.py")
 say "step 1: pytest -m gpu on ${#MARKED[@]} files"
-timeout 170 "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider -o addopts="" -rfEs \
+timeout 200 "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider -o addopts="" -rfEs \
     --junitxml="$DEST/gpu_tests.xml" "${MARKED[@]}" 2>&1 | tee -a "$LOG" | tail -25
 say "step 1 exit status ${PIPESTATUS[0]}"
 
@@ -60,9 +63,10 @@ if [ ! -s "$DEST/gpu_nccl_tests.xml" ]; then
     say "step 2 exit status ${PIPESTATUS[0]}"
 fi
 
-# -- 3. benchmarks (each part in its own process, 70 s at most) -------------------------------
+# -- 3. benchmarks (each of the 8 parts in its own process, 60 s at most) ----------------------
 say "step 3: scripts/bench_gpu.py"
-timeout 300 "$PYTHON" scripts/bench_gpu.py --worker-timeout 70 --json "$DEST/gpu_bench.json" \
+timeout 330 "$PYTHON" scripts/bench_gpu.py --worker-timeout 60 --iters 6 \
+    --json "$DEST/gpu_bench.json" \
     2>&1 | tee -a "$LOG" | grep -v "^{"
 say "step 3 exit status ${PIPESTATUS[0]}"
 

@@ -123,6 +123,7 @@ def test_every_boolean_flag_can_be_turned_on_and_off():
      "--lr-decay-end (2) must be after --lr-decay-start (3)"),
     (["--warmup-epochs", "1"], "--warmup-epochs (1) must end by --lr-decay-start (0)"),
     (["--communicator", "nccl"], "--communicator nccl needs --gpu"),
+    (["--conv-backend", "cudnn"], "--conv-backend cudnn needs --gpu"),
     (["--factor-dtype", "int8"], "argument --factor-dtype: invalid choice: 'int8'"),
     (["--bogus"], "unrecognized arguments: --bogus"),
     # NaN passes every range check, so every number option is checked for it by name

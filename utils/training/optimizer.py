@@ -46,6 +46,7 @@ def build_optimizer(options, comm, link):
             bn_fisher=options.bn_fisher, inv_dtype=numpy.dtype(options.inv_dtype),
             schedule=statistics_schedule(options), seed=options.seed,
             comm_dtype=numpy.dtype(options.comm_dtype), assignment=options.assignment,
+            batched_inversion=options.batched_inversion,
             factor_dtype=None if options.factor_dtype == "data" else options.factor_dtype)
     else:
         optimizer = create_multi_node_optimizer(

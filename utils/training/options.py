@@ -15,6 +15,7 @@ import math
 import os
 import tempfile
 
+from kfac_mn.backend import CONV_BACKENDS
 from kfac_mn.communicators import COMMUNICATOR_NAMES, v_collectives
 from kfac_mn.communicators.communicator_base import DEFAULT_ALPHA, DEFAULT_BANDWIDTH
 from kfac_mn.distributed.assignment import ASSIGNMENTS
@@ -109,6 +110,10 @@ def build_parser():
                        help="network (default: resnet_mnist on MNIST, resnet50 otherwise)")
     model.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=False,
                        help="run each rank on the GPU of its rank within the node (CuPy)")
+    model.add_argument("--conv-backend", choices=CONV_BACKENDS, default="im2col",
+                       help="how the GPU computes convolutions and batch norm: im2col "
+                            "(im2col + cuBLAS and our CUDA kernels) or cudnn (cuDNN Frontend "
+                            "graphs: pip install 'kfac_mn[gpu]'); needs --gpu")
     model.add_argument("--communicator", choices=COMMUNICATOR_NAMES, default="mpi",
                        help="collectives backend (nccl: CuPy arrays over NCCL, needs --gpu)")
     model.add_argument("--collectives", choices=v_collectives.CHOICES, default="auto",
@@ -204,6 +209,10 @@ def build_parser():
                       help="Fisher block of batch normalization")
     kfac.add_argument("--inv-dtype", choices=("float32", "float64"), default="float32",
                       help="dtype of the inversions")
+    kfac.add_argument("--batched-inversion", action=argparse.BooleanOptionalAction,
+                      default=False,
+                      help="invert the factors of equal size due at one step as one batch "
+                           "(fewer kernel launches on the GPU; the same inverses)")
     kfac.add_argument("--factor-dtype", choices=("data",) + DTYPES, default="data",
                       help="precision of the factor products (data: the data's dtype; "
                            "float16: the paper's half precision, accumulated in float32)")
@@ -444,6 +453,9 @@ def check_options(options):
         raise OptionError(f"--crop-scale-min must be in (0, 1], got {options.crop_scale_min}")
     if options.communicator == "nccl" and not options.gpu:
         raise OptionError("--communicator nccl needs --gpu (NCCL moves CuPy arrays)")
+    if options.conv_backend == "cudnn" and not options.gpu:
+        raise OptionError("--conv-backend cudnn needs --gpu (on the CPU convolutions always "
+                          "run as im2col + GEMM)")
     for name in ("comm_alpha", "comm_bandwidth"):
         if not (math.isfinite(getattr(options, name)) and getattr(options, name) > 0):
             raise OptionError(f"--{name.replace('_', '-')} must be a positive number, got "

@@ -23,7 +23,7 @@ MAY_DIFFER = frozenset({
     "comm_bandwidth", "batchsize", "acc_iters", "global_batch", "epoch", "lr_decay_end",
     "assignment", "out", "overwrite", "resume", "log_interval", "val_interval",
     "snapshot_interval", "keep_snapshots", "progress", "plot", "timeout",
-    "divergence_factor", "divergence_patience"})
+    "divergence_factor", "divergence_patience", "conv_backend", "batched_inversion"})
 
 
 def flag(name):
