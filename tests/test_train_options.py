@@ -100,7 +100,8 @@ def test_every_boolean_flag_can_be_turned_on_and_off():
                                     argparse.BooleanOptionalAction))]
     assert {action.dest for action in flags} == {"flip", "skip_corrupt", "gpu", "overwrite",
                                                  "momentum_scaling", "weight_rescale",
-                                                 "progress", "plot", "verify_images"}
+                                                 "progress", "plot", "verify_images",
+                                                 "batched_inversion"}
     for action in flags:
         assert isinstance(action, argparse.BooleanOptionalAction), action.option_strings
         on, off = action.option_strings
