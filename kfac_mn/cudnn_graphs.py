@@ -33,13 +33,19 @@ from kfac_mn import backend
 logger = logging.getLogger(__name__)
 
 #: what identifies a graph: ``op`` (one of :data:`OPERATIONS`), ``shapes`` (the operands'
-#: shapes in the order the builder reads them), ``dtype`` (of the data), ``attrs`` (stride and
-#: padding, or epsilon, momentum and whether running statistics are updated), ``device``
+#: shapes in the order the builder reads them; a convolution's inputs, then its output),
+#: ``dtype`` (of the data), ``attrs`` (stride and padding, or epsilon, momentum and whether
+#: running statistics are updated), ``device``
 GraphKey = collections.namedtuple("GraphKey", "op shapes dtype attrs device")
 
 OPERATIONS = ("conv_fprop", "conv_dgrad", "conv_wgrad", "bn_train", "bn_backward",
               "bn_inference")
 STATS_DTYPE = numpy.dtype(numpy.float32)
+#: each convolution graph: cuDNN Frontend's node, its two inputs (our name, the node's
+#: keyword) and its output
+CONVOLUTIONS = {"conv_fprop": ("conv_fprop", (("x", "image"), ("w", "weight")), "y"),
+                "conv_dgrad": ("conv_dgrad", (("gy", "loss"), ("w", "filter")), "gx"),
+                "conv_wgrad": ("conv_wgrad", (("x", "image"), ("gy", "loss")), "gw")}
 
 
 def graph_key(op, shapes, dtype, attrs, device):
@@ -152,7 +158,8 @@ class GraphBuilder:
         graph = cudnn.pygraph(io_data_type=_cudnn_dtype(cudnn, key.dtype),
                               intermediate_data_type=cudnn.data_type.FLOAT,
                               compute_data_type=cudnn.data_type.FLOAT, handle=self.handle)
-        tensors, host_values = getattr(self, "_" + key.op)(graph, key)
+        define = self._convolution if key.op in CONVOLUTIONS else getattr(self, "_" + key.op)
+        tensors, host_values = define(graph, key)
         return graph, tensors, host_values
 
     def __call__(self, key):
@@ -177,32 +184,16 @@ class GraphBuilder:
         tensor.set_data_type(_cudnn_dtype(self.cudnn, dtype))
         return tensor
 
-    def _conv_fprop(self, graph, key):
-        (x_shape, w_shape), (stride, pad) = key.shapes, key.attrs
-        x = self._data(graph, "x", x_shape, key.dtype)
-        w = self._data(graph, "w", w_shape, key.dtype)
-        y = graph.conv_fprop(image=x, weight=w, padding=list(pad), stride=list(stride),
-                             dilation=[1, 1])
-        self._output(y, conv_output_shape(x_shape, w_shape, stride, pad), key.dtype)
-        return {"x": x, "w": w, "y": y}, {}
-
-    def _conv_dgrad(self, graph, key):
-        (gy_shape, w_shape, x_shape), (stride, pad) = key.shapes, key.attrs
-        gy = self._data(graph, "gy", gy_shape, key.dtype)
-        w = self._data(graph, "w", w_shape, key.dtype)
-        gx = graph.conv_dgrad(loss=gy, filter=w, padding=list(pad), stride=list(stride),
-                              dilation=[1, 1])
-        self._output(gx, x_shape, key.dtype)  # not inferable for a strided convolution
-        return {"gy": gy, "w": w, "gx": gx}, {}
-
-    def _conv_wgrad(self, graph, key):
-        (x_shape, gy_shape, w_shape), (stride, pad) = key.shapes, key.attrs
-        x = self._data(graph, "x", x_shape, key.dtype)
-        gy = self._data(graph, "gy", gy_shape, key.dtype)
-        gw = graph.conv_wgrad(image=x, loss=gy, padding=list(pad), stride=list(stride),
-                              dilation=[1, 1])
-        self._output(gw, w_shape, key.dtype)
-        return {"x": x, "gy": gy, "gw": gw}, {}
+    def _convolution(self, graph, key):
+        node, inputs, output = CONVOLUTIONS[key.op]
+        stride, pad = key.attrs
+        tensors = {name: self._data(graph, name, shape, key.dtype)
+                   for (name, _), shape in zip(inputs, key.shapes)}
+        result = getattr(graph, node)(**{keyword: tensors[name] for name, keyword in inputs},
+                                      padding=list(pad), stride=list(stride), dilation=[1, 1])
+        # the output's shape is set: dgrad's and wgrad's cannot be inferred
+        tensors[output] = self._output(result, key.shapes[2], key.dtype)
+        return tensors, {}
 
     def _channel(self, graph, name, channels):
         return self._data(graph, name, (1, channels, 1, 1), STATS_DTYPE)
@@ -313,31 +304,32 @@ def _contiguous(*arrays):
     return [backend.cupy.ascontiguousarray(a) for a in arrays]
 
 
+def _convolve(op, first, second, output_shape, stride, pad):
+    """A new array of ``output_shape`` computed by the convolution graph ``op`` (one of
+    :data:`CONVOLUTIONS`) from its two inputs, or None where cuDNN does not support it."""
+    _, inputs, output = CONVOLUTIONS[op]
+    first, second = _contiguous(first, second)
+    result = backend.cupy.empty(output_shape, dtype=first.dtype)
+    arrays = {inputs[0][0]: first, inputs[1][0]: second, output: result}
+    ok = _run(op, (first.shape, second.shape, tuple(output_shape)), first.dtype,
+              (tuple(stride), tuple(pad)), arrays)
+    return result if ok else None
+
+
 def conv2d_forward(x, W, stride, pad):
     """``y`` of the convolution (no bias), or None where cuDNN does not support it."""
-    x, W = _contiguous(x, W)
-    y = backend.cupy.empty(conv_output_shape(x.shape, W.shape, stride, pad), dtype=x.dtype)
-    ok = _run("conv_fprop", (x.shape, W.shape), x.dtype, (tuple(stride), tuple(pad)),
-              {"x": x, "w": W, "y": y})
-    return y if ok else None
+    return _convolve("conv_fprop", x, W, conv_output_shape(x.shape, W.shape, stride, pad),
+                     stride, pad)
 
 
 def conv2d_backward_data(gy, W, x_shape, stride, pad):
     """The input gradient of the convolution, or None."""
-    gy, W = _contiguous(gy, W)
-    gx = backend.cupy.empty(x_shape, dtype=gy.dtype)
-    ok = _run("conv_dgrad", (gy.shape, W.shape, x_shape), gy.dtype,
-              (tuple(stride), tuple(pad)), {"gy": gy, "w": W, "gx": gx})
-    return gx if ok else None
+    return _convolve("conv_dgrad", gy, W, x_shape, stride, pad)
 
 
 def conv2d_backward_filter(x, gy, w_shape, stride, pad):
     """The weight gradient of the convolution, or None."""
-    x, gy = _contiguous(x, gy)
-    gw = backend.cupy.empty(w_shape, dtype=x.dtype)
-    ok = _run("conv_wgrad", (x.shape, gy.shape, w_shape), x.dtype,
-              (tuple(stride), tuple(pad)), {"x": x, "gy": gy, "gw": gw})
-    return gw if ok else None
+    return _convolve("conv_wgrad", x, gy, w_shape, stride, pad)
 
 
 def _as_nchw(x):

@@ -47,7 +47,7 @@ def resnet50_geometries(batch=1, size=224):
 def conv_keys(x_shape, w_shape, stride, pad, dtype="float32"):
     y_shape = cudnn_graphs.conv_output_shape(x_shape, w_shape, stride, pad)
     attrs = (tuple(stride), tuple(pad))
-    return [cudnn_graphs.graph_key("conv_fprop", (x_shape, w_shape), dtype, attrs, 0),
+    return [cudnn_graphs.graph_key("conv_fprop", (x_shape, w_shape, y_shape), dtype, attrs, 0),
             cudnn_graphs.graph_key("conv_dgrad", (y_shape, w_shape, x_shape), dtype, attrs, 0),
             cudnn_graphs.graph_key("conv_wgrad", (x_shape, y_shape, w_shape), dtype, attrs, 0)]
 
@@ -61,11 +61,11 @@ def bn_keys(x_shape, dtype="float32"):
 
 # -- keys, cache, geometry --------------------------------------------------------------------
 def test_a_key_names_everything_that_shapes_the_graph():
-    key = cudnn_graphs.graph_key("conv_fprop", [(2, 3, 8, 8), (4, 3, 3, 3)], np.float32,
-                                 ((1, 1), (1, 1)), 0)
-    assert key == cudnn_graphs.graph_key("conv_fprop", ((2, 3, 8, 8), [4, 3, 3, 3]), "float32",
-                                         ((1, 1), (1, 1)), 0)
-    others = [key._replace(shapes=((3, 3, 8, 8), (4, 3, 3, 3))),
+    key = cudnn_graphs.graph_key("conv_fprop", [(2, 3, 8, 8), (4, 3, 3, 3), (2, 4, 8, 8)],
+                                 np.float32, ((1, 1), (1, 1)), 0)
+    assert key == cudnn_graphs.graph_key("conv_fprop", ((2, 3, 8, 8), [4, 3, 3, 3], (2, 4, 8, 8)),
+                                         "float32", ((1, 1), (1, 1)), 0)
+    others = [key._replace(shapes=((3, 3, 8, 8), (4, 3, 3, 3), (3, 4, 8, 8))),
               key._replace(attrs=((2, 2), (1, 1))), key._replace(attrs=((1, 1), (0, 0))),
               key._replace(dtype=np.dtype(np.float16).str), key._replace(device=1),
               key._replace(op="conv_wgrad")]
