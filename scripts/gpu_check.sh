@@ -2,7 +2,10 @@
 # The one-shot GPU check (issues 7 and 18), under 10 minutes on one H100.  Needs CuPy (with
 # NCCL) and mpi4py; cuDNN Frontend (nvidia-cudnn-frontend, with a cuDNN library: PyTorch's
 # CUDA wheels bring one) for the cuDNN rows and tests; torch is optional; nothing is
-# downloaded.  Run from anywhere:
+# downloaded: on a machine without a network, bring the nvidia-cudnn-frontend wheel (12 MB)
+# and `pip install --no-deps` it (it imports and defines graphs without its dependencies;
+# should running one ask for apache-tvm-ffi, 13 MB, bring that wheel too); the cuDNN library
+# (nvidia-cudnn-cu12/-cu13, 550 MB) must be there already.  Run from anywhere:
 #
 #     bash scripts/gpu_check.sh            # PYTHON=python3.X to choose the interpreter
 #
