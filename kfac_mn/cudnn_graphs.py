@@ -29,6 +29,7 @@ import logging
 import numpy
 
 from kfac_mn import backend
+from kfac_mn.functions.patches import output_hw
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,9 @@ GraphKey = collections.namedtuple("GraphKey", "op shapes dtype attrs device")
 OPERATIONS = ("conv_fprop", "conv_dgrad", "conv_wgrad", "bn_train", "bn_backward",
               "bn_inference")
 STATS_DTYPE = numpy.dtype(numpy.float32)
+#: the data dtypes whose batch norm runs on cuDNN (its statistics are float32; float64 data
+#: keep the CuPy path, which computes them in float64)
+FLOAT32_STATISTICS = (numpy.dtype(numpy.float16), numpy.dtype(numpy.float32))
 #: each convolution graph: cuDNN Frontend's node, its two inputs (our name, the node's
 #: keyword) and its output
 CONVOLUTIONS = {"conv_fprop": ("conv_fprop", (("x", "image"), ("w", "weight")), "y"),
@@ -54,6 +58,10 @@ def graph_key(op, shapes, dtype, attrs, device):
         raise ValueError(f"cudnn_graphs: unknown operation {op!r}")
     return GraphKey(op, tuple(tuple(int(d) for d in shape) for shape in shapes),
                     numpy.dtype(dtype).str, tuple(attrs), int(device))
+
+
+class Unsupported(RuntimeError):
+    """cuDNN has no engine for this graph."""
 
 
 class GraphCache:
@@ -87,10 +95,6 @@ class GraphCache:
         self._graphs.clear()
 
 
-class Unsupported(RuntimeError):
-    """cuDNN has no engine for this graph."""
-
-
 def contiguous_strides(shape):
     """Element strides of a C-contiguous array of ``shape``."""
     strides, step = [], 1
@@ -101,9 +105,8 @@ def contiguous_strides(shape):
 
 
 def conv_output_shape(x_shape, w_shape, stride, pad):
-    n, _, h, w = x_shape
-    k, _, kh, kw = w_shape
-    return (n, k, (h + 2 * pad[0] - kh) // stride[0] + 1, (w + 2 * pad[1] - kw) // stride[1] + 1)
+    """(N, C_out, OH, OW) of a convolution, by the im2col path's own geometry."""
+    return (x_shape[0], w_shape[0]) + tuple(output_hw(x_shape[2:], w_shape[2:], stride, pad))
 
 
 class CompiledGraph:
@@ -344,7 +347,9 @@ def _per_channel(v):
 def batch_norm_forward(x, gamma, beta, eps, running_mean, running_var, decay):
     """Training batch norm: ``(y, mean, inv_std)`` (mean and inv_std float32 (C,)), the
     running statistics updated in place with momentum ``1 - decay``; None where cuDNN does
-    not support it."""
+    not support it, and for float64 data, whose statistics float32 would round."""
+    if x.dtype not in FLOAT32_STATISTICS:
+        return None
     cupy = backend.cupy
     (x4,) = _contiguous(_as_nchw(x))
     c = x4.shape[1]
@@ -368,7 +373,9 @@ def batch_norm_forward(x, gamma, beta, eps, running_mean, running_var, decay):
 
 def batch_norm_backward(gy, x, gamma, mean, inv_std):
     """``(gx, g_gamma, g_beta)`` of training batch norm (the gradients of gamma and beta as
-    float32 (C,)), or None."""
+    float32 (C,)), or None (as for the forward)."""
+    if x.dtype not in FLOAT32_STATISTICS:
+        return None
     cupy = backend.cupy
     gy4, x4 = _contiguous(_as_nchw(gy), _as_nchw(x))
     c = x4.shape[1]
@@ -383,7 +390,10 @@ def batch_norm_backward(gy, x, gamma, mean, inv_std):
 
 
 def batch_norm_inference(x, gamma, beta, mean, inv_std):
-    """``gamma (x - mean) inv_std + beta`` with given statistics, or None."""
+    """``gamma (x - mean) inv_std + beta`` with given statistics, or None (as for the
+    training forward)."""
+    if x.dtype not in FLOAT32_STATISTICS:
+        return None
     cupy = backend.cupy
     (x4,) = _contiguous(_as_nchw(x))
     arrays = {"x": x4, "gamma": _per_channel(gamma), "beta": _per_channel(beta),

@@ -32,7 +32,7 @@ def test_the_plan_groups_equal_sides_and_dtypes_in_order_of_appearance():
     rng = np.random.default_rng(0)
     requests = requests_of(rng, [4, 2, 4, 1, 2, 4])
     requests.append(InverseRequest("half", spd(rng, 4, np.float32), 0.1, "/f32"))
-    assert batching_plan(requests, np.dtype(np.float32)) == [[0, 2, 5], [1, 4], [3], [6]]
+    assert batching_plan(requests) == [[0, 2, 5], [1, 4], [3], [6]]
 
 
 @pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-10), (np.float32, 2e-4)])

@@ -21,13 +21,13 @@ from kfac_mn.fisher.inverse import damped_inverse
 InverseRequest = collections.namedtuple("InverseRequest", "name matrix damping label")
 
 
-def batching_plan(requests, dtype):
+def batching_plan(requests):
     """Indices of ``requests`` grouped for batching: one group per (side, dtype), in the
     order of each group's first request; the factors of a group are inverted as one batch
     (a group of one is a batch of one)."""
     groups = {}
     for index, request in enumerate(requests):
-        key = (request.matrix.shape[0], request.matrix.dtype.str, dtype.str)
+        key = (request.matrix.shape[0], request.matrix.dtype.str)
         groups.setdefault(key, []).append(index)
     return list(groups.values())
 
@@ -60,13 +60,13 @@ def batched_damped_inverses(requests, dtype, counter=None):
     xp = backend.get_array_module(requests[0].matrix)
     dtype = xp.dtype(dtype)
     inverses = [None] * len(requests)
-    for group in batching_plan(requests, dtype):
+    for group in batching_plan(requests):
         side = requests[group[0]].matrix.shape[0]
         stack = xp.stack([requests[i].matrix for i in group]).astype(dtype, copy=False)
         dampings = xp.asarray([requests[i].damping for i in group], dtype=dtype)
         diagonal = xp.arange(side)
         stack[:, diagonal, diagonal] += dampings[:, None]
-        batch = _batched_cholesky_inverse(stack) if side else stack
+        batch = _batched_cholesky_inverse(stack)
         for position, index in enumerate(group):
             request = requests[index]
             inverses[index] = batch[position] if batch is not None else damped_inverse(

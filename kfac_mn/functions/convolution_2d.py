@@ -96,12 +96,12 @@ class Convolution2DFunction(FunctionNode):
         n, c_out = x.shape[0], W.shape[0]
         grads = {}
         if backend.uses_cudnn(xp):
-            gy4 = grad_outputs[0]
+            gy = grad_outputs[0]
             if 1 in indexes:
-                grads[1] = cudnn_graphs.conv2d_backward_filter(x, gy4, W.shape, self.stride,
+                grads[1] = cudnn_graphs.conv2d_backward_filter(x, gy, W.shape, self.stride,
                                                                self.pad)
             if 0 in indexes:
-                grads[0] = cudnn_graphs.conv2d_backward_data(gy4, W, x.shape, self.stride,
+                grads[0] = cudnn_graphs.conv2d_backward_data(gy, W, x.shape, self.stride,
                                                              self.pad)
             grads = {i: g for i, g in grads.items() if g is not None}  # else: im2col below
         gy = xp.ascontiguousarray(grad_outputs[0]).reshape(n, c_out, -1)
